@@ -1,0 +1,15 @@
+"""hellora_pl: fine-tune MoE language models with adapters where the router sends tokens."""
+
+from .backbones import BackboneConfig, load_backbone
+from .callbacks import HotExpertInjectionCallback, RoutingProfilerCallback
+from .module import HelloraModule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackboneConfig",
+    "HelloraModule",
+    "HotExpertInjectionCallback",
+    "RoutingProfilerCallback",
+    "load_backbone",
+]

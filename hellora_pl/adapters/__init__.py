@@ -1,0 +1,39 @@
+"""Adapters: LoRA for linears, routers and a subset of fused experts; plans; merge; save/load."""
+
+from .experts import ExpertLoRA, expert_lora
+from .inject import (
+    adapter_modules,
+    adapter_state_dict,
+    count_plan_params,
+    inject_adapters,
+    injected_hot_experts,
+    is_injected,
+)
+from .io import ADAPTER_FILE, PLAN_FILE, load_adapter, load_adapter_weights, save_adapter
+from .linear import LoRALinear
+from .merge import merge_adapters
+from .plan import AdapterPlan, LayerPlan
+from .planning import build_plan
+from .router import RouterLoRA
+
+__all__ = [
+    "ADAPTER_FILE",
+    "PLAN_FILE",
+    "AdapterPlan",
+    "ExpertLoRA",
+    "LayerPlan",
+    "LoRALinear",
+    "RouterLoRA",
+    "adapter_modules",
+    "build_plan",
+    "adapter_state_dict",
+    "count_plan_params",
+    "expert_lora",
+    "inject_adapters",
+    "injected_hot_experts",
+    "is_injected",
+    "load_adapter",
+    "load_adapter_weights",
+    "merge_adapters",
+    "save_adapter",
+]

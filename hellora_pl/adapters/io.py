@@ -1,0 +1,55 @@
+"""Save and load adapters: plan.json plus adapter.safetensors (adapter tensors only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .inject import adapter_state_dict, inject_adapters
+from .plan import AdapterPlan
+
+PLAN_FILE = "plan.json"
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def save_adapter(directory: str | Path, model: nn.Module, plan: AdapterPlan) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in adapter_state_dict(model).items()}
+    save_file(tensors, str(directory / ADAPTER_FILE), metadata={"format": "hellora_pl", "method": plan.method})
+    plan.save(directory / PLAN_FILE)
+    return directory
+
+
+def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into an injected model; every adapter tensor must be given, and no other."""
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            "Adapter tensors do not match the plan injected into this model: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. "
+            "Load the plan.json that was saved with these weights."
+        )
+    with torch.no_grad():
+        for name, param in expected.items():
+            if param.shape != tensors[name].shape:
+                raise ValueError(f"Adapter tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}.")
+            param.copy_(tensors[name])
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> AdapterPlan:
+    """Inject the plan saved in `directory` into `model` and load its weights."""
+    directory = Path(directory)
+    weights = directory / ADAPTER_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"No {ADAPTER_FILE} in {str(directory)!r}; give the hellora/ folder written by a fit.")
+    plan = AdapterPlan.read(directory / PLAN_FILE)
+    inject_adapters(model, plan)
+    load_adapter_weights(model, load_file(str(weights)))
+    return plan

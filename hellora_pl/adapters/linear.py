@@ -1,0 +1,39 @@
+"""LoRA around an nn.Linear (attention projections): y = W x + scale * B (A dropout(x))."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .init import check_rank, init_lora_pair
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, where: str = "linear"):
+        super().__init__()
+        check_rank(rank, tuple(base_layer.weight.shape), where)
+        self.base_layer = base_layer
+        self.rank = rank
+        self.scale = alpha / rank
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, rank, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        init_lora_pair(self.lora_A, self.lora_B)
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads `.weight` (e.g. a dtype check) sees the base
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
+        return self.base_layer(x) + (self.scale * update).to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def merged(self) -> nn.Linear:
+        """The base layer with the update folded into its weight."""
+        with torch.no_grad():
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+        return self.base_layer

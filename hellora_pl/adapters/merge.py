@@ -1,0 +1,30 @@
+"""Fold adapters into the base weights, leaving a plain transformers model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..backbones import architecture_for
+from .experts import merge_expert_lora
+from .linear import LoRALinear
+from .router import merge_router_lora, router_lora
+
+
+def merge_adapters(model: nn.Module, experts_implementation: str = "grouped_mm") -> nn.Module:
+    """Merge every hellora adapter into `model` in place and return it.
+
+    The result has the original module tree and parameter names, so `save_pretrained` writes a
+    checkpoint that transformers loads without hellora_pl.
+    """
+    arch = architecture_for(model)
+    for layer in arch.decoder_layers(model):
+        attention = arch.attention_module(layer)
+        for name, child in list(attention.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(attention, name, child.merged())
+    for moe in arch.moe_layers(model):
+        if router_lora(moe.router) is not None:
+            merge_router_lora(moe.router)
+        merge_expert_lora(moe.experts)
+    model.set_experts_implementation(experts_implementation)
+    return model

@@ -1,0 +1,70 @@
+"""The adapter placement as data: which layers, experts and modules get adapters, at what rank.
+
+A plan is saved as plan.json beside adapter.safetensors; resume, export, merge and reports read it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PLAN_FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    """One MoE layer: its hot experts (sorted) and the routing statistics that chose them."""
+
+    layer: int
+    hot_experts: list[int]
+    counts: list[int] = field(default_factory=list)
+    gate_mass: list[float] = field(default_factory=list)
+
+
+@dataclass
+class AdapterPlan:
+    method: str  # "hellora" (hot experts) or "lora" (every expert)
+    architecture: str
+    num_experts: int
+    top_k: int
+    policy: dict
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    router_rank: int | None = None  # None: no router adapter
+    attention_modules: list[str] = field(default_factory=list)
+    expert_modules: list[str] = field(default_factory=list)
+    layers: list[LayerPlan] = field(default_factory=list)
+    profile_tokens: int = 0
+    trainable_params: int = 0
+    lora_all_experts_params: int = 0
+    format_version: int = PLAN_FORMAT_VERSION
+
+    def hot_experts(self) -> dict[int, list[int]]:
+        return {layer.layer: layer.hot_experts for layer in self.layers}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AdapterPlan:
+        data = dict(data)
+        version = data.get("format_version", PLAN_FORMAT_VERSION)
+        if version > PLAN_FORMAT_VERSION:
+            raise ValueError(
+                f"This plan has format version {version}, newer than this hellora_pl understands "
+                f"({PLAN_FORMAT_VERSION}); upgrade hellora_pl."
+            )
+        data["layers"] = [LayerPlan(**layer) for layer in data.get("layers", [])]
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, path: str | Path) -> AdapterPlan:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Adapter plan {str(path)!r} does not exist; give the plan.json written by a fit.")
+        return cls.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,87 @@
+"""Load a backbone by hub id or local path, or build one from a config with no network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .registry import architecture_for, supported_model_types
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BackboneConfig:
+    """Which model to fine-tune.
+
+    Give `pretrained` (a hub id or a local directory) to load weights, or `model_type` plus
+    `config` fields to build a randomly initialised model from a config (seeded, offline).
+    With `pretrained`, `config` holds overrides applied to the loaded config.
+    """
+
+    pretrained: str | None = None
+    model_type: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    experts_implementation: str = "grouped_mm"
+    attn_implementation: str = "sdpa"
+    seed: int = 0
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+def load_backbone(cfg: BackboneConfig) -> PreTrainedModel:
+    if (cfg.pretrained is None) == (cfg.model_type is None):
+        raise ValueError(
+            "BackboneConfig needs exactly one of `pretrained` (a hub id or local path) or "
+            f"`model_type` (one of {', '.join(supported_model_types())}) with `config` fields; "
+            f"got pretrained={cfg.pretrained!r}, model_type={cfg.model_type!r}."
+        )
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}.")
+    dtype = DTYPES[cfg.dtype]
+    if cfg.pretrained is not None:
+        return _from_pretrained(cfg, dtype)
+    return _from_config(cfg, dtype)
+
+
+def _from_config(cfg: BackboneConfig, dtype: torch.dtype) -> PreTrainedModel:
+    if cfg.model_type not in supported_model_types():
+        raise ValueError(
+            f"Unknown model_type {cfg.model_type!r}; hellora_pl supports {', '.join(supported_model_types())}."
+        )
+    config = AutoConfig.for_model(cfg.model_type, **cfg.config)
+    architecture_for(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(
+            config,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            experts_implementation=cfg.experts_implementation,
+        )
+    return model
+
+
+def _from_pretrained(cfg: BackboneConfig, dtype: torch.dtype) -> PreTrainedModel:
+    source = cfg.pretrained
+    looks_local = source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
+    if looks_local and not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"Backbone path {source!r} does not exist; give a local model directory or a hub id.")
+    config = AutoConfig.from_pretrained(
+        source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **cfg.config
+    )
+    architecture_for(config)
+    return AutoModelForCausalLM.from_pretrained(
+        source,
+        config=config,
+        dtype=dtype,
+        attn_implementation=cfg.attn_implementation,
+        experts_implementation=cfg.experts_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+    )

@@ -1,0 +1,195 @@
+"""HotExpertInjectionCallback: a routing profile becomes a plan, the plan becomes adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..adapters import (
+    AdapterPlan,
+    build_plan,
+    inject_adapters,
+    is_injected,
+    load_adapter,
+    save_adapter,
+)
+from ..routing import HotExpertPolicy, TopKPerLayer
+from .logging import log_scalars, log_text
+from .protocol import backbone_of
+from .routing_profiler import RoutingProfilerCallback
+
+
+class HotExpertInjectionCallback(Callback):
+    """Freezes the base and injects LoRA where the plan says, before the optimizer is built.
+
+    Fit from scratch: the routing profile (from a RoutingProfilerCallback in the trainer, or one
+    made here with its defaults) and `hot_experts` choose each layer's hot experts; LoRA goes on
+    the attention projections, the router (when `router`), and the fused expert tensors of the
+    hot experts only. Resume from a Lightning checkpoint: the plan stored in the checkpoint is
+    injected again and Lightning restores adapters and optimizer. `adapter_path` starts from (or,
+    for validate/test, evaluates) the adapters saved by an earlier run.
+
+    `plan.json` and `adapter.safetensors` are written under `output_dir` (default
+    `<log dir>/hellora`) with every checkpoint and at the end of fit. Checkpoints hold only the
+    trainable tensors unless `checkpoint_adapters_only` is False.
+    """
+
+    def __init__(
+        self,
+        hot_experts: HotExpertPolicy | None = None,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        attention_modules: list[str] | None = None,
+        router: bool = True,
+        router_rank: int | None = None,
+        experts: bool = True,
+        adapter_path: str | None = None,
+        output_dir: str | None = None,
+        overwrite: bool = False,
+        checkpoint_adapters_only: bool = True,
+        model_attribute: str = "model",
+    ):
+        self.hot_experts = hot_experts if hot_experts is not None else TopKPerLayer()
+        self.rank = rank
+        self.alpha = alpha
+        self.dropout = dropout
+        self.attention_modules = attention_modules
+        self.router = router
+        self.router_rank = router_rank
+        self.experts = experts
+        self.adapter_path = adapter_path
+        self.output_dir = output_dir
+        self.overwrite = overwrite
+        self.checkpoint_adapters_only = checkpoint_adapters_only
+        self.model_attribute = model_attribute
+        self.plan: AdapterPlan | None = None
+
+    # -- before the optimizer ------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        model = backbone_of(pl_module, self.model_attribute)
+        if is_injected(model):
+            return  # a second stage in the same process (fit, then test)
+        if trainer.ckpt_path is not None:
+            self.plan = self._resume(trainer.ckpt_path, pl_module, model)
+        elif self.adapter_path is not None:
+            self.plan = load_adapter(model, self.adapter_path)
+        elif stage == "fit":
+            self._check_output_dir(trainer)
+            self.plan = self._make_plan(trainer, pl_module, model)
+            inject_adapters(model, self.plan)
+        else:
+            rank_zero_info("[hellora] no checkpoint or adapter_path given: evaluating the base model")
+            return
+        if self.checkpoint_adapters_only:
+            pl_module.strict_loading = False  # checkpoints hold the adapters; the base comes from its source
+        self._announce(model)
+
+    def _make_plan(self, trainer, pl_module, model) -> AdapterPlan:
+        profile = None
+        if self.hot_experts.needs_profile or self._profiler(trainer) is not None:
+            profiler = self._profiler(trainer)
+            if profiler is None:
+                rank_zero_info("[hellora] no RoutingProfilerCallback in the trainer: profiling with its defaults")
+                profiler = RoutingProfilerCallback(model_attribute=self.model_attribute)
+            profile = profiler.ensure_profile(trainer, pl_module)
+        router_rank = (self.router_rank or self.rank) if self.router else None
+        return build_plan(
+            model,
+            self.hot_experts,
+            profile,
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            attention_modules=self.attention_modules,
+            router_rank=router_rank,
+            expert_modules=None if self.experts else [],
+        )
+
+    @staticmethod
+    def _profiler(trainer: Trainer) -> RoutingProfilerCallback | None:
+        found = [cb for cb in trainer.callbacks if isinstance(cb, RoutingProfilerCallback)]
+        return found[0] if found else None
+
+    def _resume(self, ckpt_path, pl_module, model) -> AdapterPlan:
+        """Inject the plan stored in a checkpoint; Lightning then loads adapters and optimizer."""
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if not state or not state.get("plan"):
+            raise ValueError(
+                f"Checkpoint {ckpt_path} holds no hellora plan: it was not written with "
+                "HotExpertInjectionCallback, so it cannot be resumed with adapters."
+            )
+        plan = AdapterPlan.from_dict(state["plan"])
+        inject_adapters(model, plan)
+        trainable = {name for name, param in pl_module.named_parameters() if param.requires_grad}
+        missing = sorted(trainable - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise ValueError(f"Checkpoint {ckpt_path} lacks trainable tensors such as {missing[:3]}; it is incomplete.")
+        return plan
+
+    def _check_output_dir(self, trainer: Trainer) -> None:
+        existing = self.directory(trainer) / "plan.json"
+        if existing.exists() and not self.overwrite:
+            raise FileExistsError(
+                f"{existing} exists from an earlier run and would be overwritten. Log to a new directory "
+                "(a new logger version or default_root_dir), resume with --ckpt_path, or set "
+                "HotExpertInjectionCallback(overwrite=true)."
+            )
+
+    def directory(self, trainer: Trainer) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "hellora"
+
+    def _announce(self, model) -> None:
+        plan = self.plan
+        lines = [f"[hellora] method={plan.method} policy={plan.policy} rank={plan.rank} alpha={plan.alpha}"]
+        for layer in plan.layers:
+            hot = layer.hot_experts if len(layer.hot_experts) < plan.num_experts else "all"
+            lines.append(f"[hellora]   layer {layer.layer}: adapted experts {hot}")
+        share = plan.trainable_params / max(plan.lora_all_experts_params, 1)
+        lines.append(
+            f"[hellora] trainable parameters: {plan.trainable_params:,} "
+            f"({100 * share:.1f}% of LoRA on all experts: {plan.lora_all_experts_params:,})"
+        )
+        rank_zero_info("\n".join(lines))
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.plan is None:
+            return
+        plan = self.plan
+        log_scalars(
+            trainer,
+            {
+                "hellora/trainable_params": plan.trainable_params,
+                "hellora/lora_all_experts_params": plan.lora_all_experts_params,
+            },
+            step=trainer.global_step,
+        )
+        summary = "\n".join(f"    layer {layer.layer}: {layer.hot_experts}" for layer in plan.layers)
+        log_text(trainer, "hellora/plan", f"method {plan.method}, policy {plan.policy}\n\n{summary}", trainer.global_step)
+
+    # -- saving --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"plan": None if self.plan is None else self.plan.to_dict()}
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self.plan is None:
+            return
+        if self.checkpoint_adapters_only:
+            trainable = {name for name, param in pl_module.named_parameters() if param.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        self._save(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.plan is not None:
+            self._save(trainer, pl_module)
+
+    def _save(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            save_adapter(self.directory(trainer), backbone_of(pl_module, self.model_attribute), self.plan)
+

@@ -1,0 +1,93 @@
+"""The adapted expert path in torch: the oracle for every fast path, and the CPU path.
+
+Route once, sort the (token, k) pairs by expert, run the frozen base as grouped GEMMs, and add
+LoRA as a shrink (x A^T) and an expand (. B^T) over the rows routed to hot experts only. The
+update W + BA is never built, cold rows get no adapter work, and the frozen weights get no
+gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters.experts import ExpertLoRA, expert_lora
+
+_grouped_mm_op = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows x[offsets[g-1]:offsets[g]] times weight[g] ([G, in, out]) for each group g."""
+    return _grouped_mm_op(x, weight, offs=offsets)
+
+
+@dataclass
+class ExpertRouting:
+    """(token, k) pairs sorted by expert, built once and reused by both projections."""
+
+    perm: torch.Tensor  # sorted row -> flat (token * k + slot) index
+    token_of_row: torch.Tensor  # sorted row -> token
+    offsets: torch.Tensor  # int32 [E] cumulative rows per expert
+    hot_rows: torch.Tensor | None  # sorted rows routed to a hot expert, in hot-slot order
+    hot_offsets: torch.Tensor | None  # int32 [n_hot] cumulative hot rows per slot
+
+    @classmethod
+    def build(cls, top_k_index: torch.Tensor, num_experts: int, lora: ExpertLoRA | None) -> ExpertRouting:
+        top_k = top_k_index.shape[-1]
+        sorted_experts, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+        counts = torch.bincount(sorted_experts, minlength=num_experts)
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        hot_rows = hot_offsets = None
+        if lora is not None:
+            hot_rows = torch.nonzero(lora.slot_of_expert[sorted_experts] >= 0).squeeze(1)
+            hot_offsets = torch.cumsum(counts[lora.hot_experts], 0, dtype=torch.int32)
+        return cls(perm, perm // top_k, offsets, hot_rows, hot_offsets)
+
+
+def lora_update(lora: ExpertLoRA, name: str, x: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+    """scale * (x A^T) B^T for the hot rows of x, in hot-row order."""
+    x_hot = lora.dropout(x[routing.hot_rows]).to(lora.lora_A[name].dtype)
+    shrunk = grouped_mm(x_hot, lora.lora_A[name].transpose(-2, -1), routing.hot_offsets)
+    return lora.scale * grouped_mm(shrunk, lora.lora_B[name].transpose(-2, -1), routing.hot_offsets)
+
+
+def _project(experts: nn.Module, name: str, x: torch.Tensor, routing: ExpertRouting, lora) -> torch.Tensor:
+    weight = getattr(experts, name)
+    out = grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), routing.offsets)
+    if lora is not None and name in lora.lora_A and routing.hot_rows.numel() > 0:
+        out = out.index_add(0, routing.hot_rows, lora_update(lora, name, x, routing).to(out.dtype))
+    return out
+
+
+def _gate(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    if hasattr(experts, "_apply_gate"):
+        return experts._apply_gate(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
+def adapted_experts_forward(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Drop-in for a fused experts module's forward (the transformers experts interface)."""
+    if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
+        raise NotImplementedError(
+            f"{type(experts).__name__} stores biased or transposed expert weights, which the hellora "
+            "expert path does not handle yet; use experts_implementation='grouped_mm' without expert adapters."
+        )
+    lora = expert_lora(experts)
+    num_tokens, top_k = top_k_index.shape
+    routing = ExpertRouting.build(top_k_index, experts.gate_up_proj.shape[0], lora)
+    x = hidden_states[routing.token_of_row]
+    hidden = _gate(experts, _project(experts, "gate_up_proj", x, routing, lora))
+    out = _project(experts, "down_proj", hidden, routing, lora)
+    out = out * top_k_weights.reshape(-1)[routing.perm].unsqueeze(-1).to(out.dtype)
+    # Back to (token, k) order and sum over k: deterministic, unlike index_add on CUDA.
+    unsorted = torch.empty_like(out).index_copy(0, routing.perm, out)
+    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)

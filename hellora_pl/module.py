@@ -1,0 +1,116 @@
+"""The LightningModule around a transformers MoE causal LM."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+
+from .backbones import BackboneConfig, load_backbone
+
+
+class HelloraModule(LightningModule):
+    """Causal-LM fine-tuning: loss on response tokens only (labels -100 elsewhere).
+
+    The backbone is built in `__init__`, so callbacks can profile and inject adapters in their
+    `setup`; AdamW then optimizes whatever is trainable at that point. `warmup` is a number of
+    optimizer steps, or a fraction of all steps when below 1.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup: float = 0.03,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        min_lr_ratio: float = 0.1,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {learning_rate}.")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0 (steps, or a fraction of steps below 1), got {warmup}.")
+        self.save_hyperparameters()
+        self.model = load_backbone(backbone)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._step_started: float | None = None
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if tokenizer is not None and len(tokenizer) > vocab:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} rows; "
+                "use the model's own tokenizer, or raise vocab_size in the backbone config."
+            )
+
+    # -- steps ---------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        mask = batch.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9))
+
+    def validation_step(self, batch, batch_idx):
+        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
+        # Weight each batch by its response tokens so the epoch value is a per-token mean.
+        self.log("val/loss", loss, prog_bar=True, batch_size=_response_tokens(batch), sync_dist=True)
+        return loss
+
+    def test_step(self, batch, batch_idx):
+        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
+        self.log("test/loss", loss, batch_size=_response_tokens(batch), sync_dist=True)
+        return loss
+
+    # -- optimization --------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("Nothing to train: every parameter is frozen.")
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
+        schedule = lr_lambda(hp.lr_schedule, warmup, total, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to the base rate, then constant or cosine decay to `min_ratio` of it."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"Unknown lr_schedule {schedule!r}; choose 'cosine' or 'constant'.")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _response_tokens(batch) -> int:
+    return max(1, int((batch["labels"] != -100).sum()))

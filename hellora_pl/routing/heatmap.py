@@ -1,0 +1,29 @@
+"""A layer x expert heatmap as an RGB image tensor, without a plotting library."""
+
+from __future__ import annotations
+
+import torch
+
+# A few stops of the viridis colour map; values in between are interpolated.
+_STOPS = torch.tensor(
+    [
+        [68, 1, 84],
+        [59, 82, 139],
+        [33, 145, 140],
+        [94, 201, 98],
+        [253, 231, 37],
+    ],
+    dtype=torch.float32,
+)
+
+
+def heatmap_image(values: torch.Tensor, cell: int = 12) -> torch.Tensor:
+    """uint8 [3, rows * cell, cols * cell], each row scaled to its own max (bright = most used)."""
+    values = values.double()
+    scaled = values / values.amax(dim=1, keepdim=True).clamp_min(1e-12)
+    position = scaled.float().clamp(0, 1) * (len(_STOPS) - 1)
+    low = position.floor().long().clamp(max=len(_STOPS) - 2)
+    frac = (position - low).unsqueeze(-1)
+    rgb = _STOPS[low] * (1 - frac) + _STOPS[low + 1] * frac  # [rows, cols, 3]
+    rgb = rgb.repeat_interleave(cell, dim=0).repeat_interleave(cell, dim=1)
+    return rgb.permute(2, 0, 1).round().to(torch.uint8)
