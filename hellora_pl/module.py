@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import asdict
 from typing import Literal
 
 import torch
@@ -36,7 +37,11 @@ class HelloraModule(LightningModule):
             raise ValueError(f"learning_rate must be positive, got {learning_rate}.")
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0 (steps, or a fraction of steps below 1), got {warmup}.")
-        self.save_hyperparameters()
+        if isinstance(backbone, dict):  # as stored in a checkpoint's hyper-parameters
+            backbone = BackboneConfig(**backbone)
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["backbone"])
+        self.hparams["backbone"] = asdict(backbone)
         self.model = load_backbone(backbone)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

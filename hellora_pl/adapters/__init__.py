@@ -11,7 +11,7 @@ from .inject import (
 )
 from .io import ADAPTER_FILE, PLAN_FILE, load_adapter, load_adapter_weights, save_adapter
 from .linear import LoRALinear
-from .merge import merge_adapters
+from .merge import merge_adapters, remove_adapters
 from .plan import AdapterPlan, LayerPlan
 from .planning import build_plan
 from .router import RouterLoRA
@@ -35,5 +35,6 @@ __all__ = [
     "load_adapter",
     "load_adapter_weights",
     "merge_adapters",
+    "remove_adapters",
     "save_adapter",
 ]

@@ -39,7 +39,10 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
     with torch.no_grad():
         for name, param in expected.items():
             if param.shape != tensors[name].shape:
-                raise ValueError(f"Adapter tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}.")
+                raise ValueError(
+                    f"Adapter tensor {name} has shape {tuple(tensors[name].shape)}, but the injected plan "
+                    f"expects {tuple(param.shape)}; load the plan.json that was saved with these weights."
+                )
             param.copy_(tensors[name])
 
 

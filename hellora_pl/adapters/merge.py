@@ -7,7 +7,8 @@ from torch import nn
 from ..backbones import architecture_for
 from .experts import merge_expert_lora
 from .linear import LoRALinear
-from .router import merge_router_lora, router_lora
+from .experts import EXPERT_LORA_ATTR
+from .router import merge_router_lora, remove_router_lora, router_lora
 
 
 def merge_adapters(model: nn.Module, experts_implementation: str = "grouped_mm") -> nn.Module:
@@ -26,5 +27,22 @@ def merge_adapters(model: nn.Module, experts_implementation: str = "grouped_mm")
         if router_lora(moe.router) is not None:
             merge_router_lora(moe.router)
         merge_expert_lora(moe.experts)
+    model.set_experts_implementation(experts_implementation)
+    return model
+
+
+def remove_adapters(model: nn.Module, experts_implementation: str = "grouped_mm") -> nn.Module:
+    """Drop every hellora adapter without merging: the model is the frozen base again."""
+    arch = architecture_for(model)
+    for layer in arch.decoder_layers(model):
+        attention = arch.attention_module(layer)
+        for name, child in list(attention.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(attention, name, child.base_layer)
+    for moe in arch.moe_layers(model):
+        if router_lora(moe.router) is not None:
+            remove_router_lora(moe.router)
+        if hasattr(moe.experts, EXPERT_LORA_ATTR):
+            delattr(moe.experts, EXPERT_LORA_ATTR)
     model.set_experts_implementation(experts_implementation)
     return model

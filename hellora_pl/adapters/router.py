@@ -47,3 +47,9 @@ def merge_router_lora(router: nn.Module) -> None:
     """Fold the update into `weight` and remove the parametrization (the key is `weight` again)."""
     parametrize.remove_parametrizations(router, "weight", leave_parametrized=True)
     router.weight.requires_grad_(False)
+
+
+def remove_router_lora(router: nn.Module) -> None:
+    """Remove the parametrization and its update, keeping the original weight."""
+    parametrize.remove_parametrizations(router, "weight", leave_parametrized=False)
+    router.weight.requires_grad_(False)

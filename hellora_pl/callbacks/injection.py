@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..adapters import (
     AdapterPlan,
+    adapter_state_dict,
     build_plan,
     inject_adapters,
     is_injected,
     load_adapter,
+    load_adapter_weights,
+    remove_adapters,
     save_adapter,
 )
 from ..routing import HotExpertPolicy, TopKPerLayer
@@ -25,16 +27,20 @@ from .routing_profiler import RoutingProfilerCallback
 class HotExpertInjectionCallback(Callback):
     """Freezes the base and injects LoRA where the plan says, before the optimizer is built.
 
-    Fit from scratch: the routing profile (from a RoutingProfilerCallback in the trainer, or one
-    made here with its defaults) and `hot_experts` choose each layer's hot experts; LoRA goes on
-    the attention projections, the router (when `router`), and the fused expert tensors of the
-    hot experts only. Resume from a Lightning checkpoint: the plan stored in the checkpoint is
-    injected again and Lightning restores adapters and optimizer. `adapter_path` starts from (or,
-    for validate/test, evaluates) the adapters saved by an earlier run.
+    Fit: the routing profile (from a RoutingProfilerCallback in the trainer, or one made here
+    with its defaults) and `hot_experts` choose each layer's hot experts; LoRA goes on the
+    attention projections, the router (when `router`), and the fused expert tensors of the hot
+    experts only. `adapter_path` starts from (or, for validate/test, evaluates) the adapters an
+    earlier run saved.
+
+    Checkpoints carry the plan and the adapter tensors in this callback's state, and the model
+    state dict holds only the other trainable tensors (`checkpoint_adapters_only`) or everything
+    but the adapters. Restoring one (resume, or validate/test with a checkpoint) injects the
+    checkpoint's plan, replacing the fresh one if it differs, and loads its adapters before the
+    optimizer is built, so Lightning restores the optimizer exactly.
 
     `plan.json` and `adapter.safetensors` are written under `output_dir` (default
-    `<log dir>/hellora`) with every checkpoint and at the end of fit. Checkpoints hold only the
-    trainable tensors unless `checkpoint_adapters_only` is False.
+    `<log dir>/hellora`) with every checkpoint and at the end of fit.
     """
 
     def __init__(
@@ -67,31 +73,30 @@ class HotExpertInjectionCallback(Callback):
         self.checkpoint_adapters_only = checkpoint_adapters_only
         self.model_attribute = model_attribute
         self.plan: AdapterPlan | None = None
+        self._model = None  # the backbone the plan was injected into
 
     # -- before the optimizer ------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        model = backbone_of(pl_module, self.model_attribute)
+        # The model's state dict never holds the adapters (they travel in this callback's
+        # state), so Lightning must load it non-strictly; on_load_checkpoint checks them.
+        pl_module.strict_loading = False
+        model = self._model = backbone_of(pl_module, self.model_attribute)
         if is_injected(model):
             return  # a second stage in the same process (fit, then test)
-        if trainer.ckpt_path is not None:
-            self.plan = self._resume(trainer.ckpt_path, pl_module, model)
-        elif self.adapter_path is not None:
+        if self.adapter_path is not None:
             self.plan = load_adapter(model, self.adapter_path)
         elif stage == "fit":
             self._check_output_dir(trainer)
             self.plan = self._make_plan(trainer, pl_module, model)
             inject_adapters(model, self.plan)
         else:
-            rank_zero_info("[hellora] no checkpoint or adapter_path given: evaluating the base model")
-            return
-        if self.checkpoint_adapters_only:
-            pl_module.strict_loading = False  # checkpoints hold the adapters; the base comes from its source
-        self._announce(model)
+            return  # evaluate the base model, unless a checkpoint brings a plan
+        self._announce()
 
     def _make_plan(self, trainer, pl_module, model) -> AdapterPlan:
+        profiler = self._profiler(trainer)
         profile = None
-        if self.hot_experts.needs_profile or self._profiler(trainer) is not None:
-            profiler = self._profiler(trainer)
+        if self.hot_experts.needs_profile or profiler is not None:
             if profiler is None:
                 rank_zero_info("[hellora] no RoutingProfilerCallback in the trainer: profiling with its defaults")
                 profiler = RoutingProfilerCallback(model_attribute=self.model_attribute)
@@ -114,30 +119,30 @@ class HotExpertInjectionCallback(Callback):
         found = [cb for cb in trainer.callbacks if isinstance(cb, RoutingProfilerCallback)]
         return found[0] if found else None
 
-    def _resume(self, ckpt_path, pl_module, model) -> AdapterPlan:
-        """Inject the plan stored in a checkpoint; Lightning then loads adapters and optimizer."""
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
-        if not state or not state.get("plan"):
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
+        if not state.get("plan"):
             raise ValueError(
-                f"Checkpoint {ckpt_path} holds no hellora plan: it was not written with "
-                "HotExpertInjectionCallback, so it cannot be resumed with adapters."
+                "This checkpoint holds no hellora plan: it was not written with HotExpertInjectionCallback, "
+                "so its adapters cannot be restored. Start a new fit instead of resuming."
             )
         plan = AdapterPlan.from_dict(state["plan"])
-        inject_adapters(model, plan)
-        trainable = {name for name, param in pl_module.named_parameters() if param.requires_grad}
-        missing = sorted(trainable - set(checkpoint.get("state_dict", {})))
-        if missing:
-            raise ValueError(f"Checkpoint {ckpt_path} lacks trainable tensors such as {missing[:3]}; it is incomplete.")
-        return plan
+        model = self._model = backbone_of(pl_module, self.model_attribute)
+        if plan != self.plan:
+            if is_injected(model):
+                rank_zero_info("[hellora] the checkpoint's plan replaces the one made for this run")
+                remove_adapters(model)
+            inject_adapters(model, plan)
+            self.plan = plan
+            self._announce()
+        load_adapter_weights(model, state["adapters"])
 
     def _check_output_dir(self, trainer: Trainer) -> None:
         existing = self.directory(trainer) / "plan.json"
         if existing.exists() and not self.overwrite:
             raise FileExistsError(
                 f"{existing} exists from an earlier run and would be overwritten. Log to a new directory "
-                "(a new logger version or default_root_dir), resume with --ckpt_path, or set "
-                "HotExpertInjectionCallback(overwrite=true)."
+                "(a new logger version or default_root_dir), or set HotExpertInjectionCallback(overwrite=true)."
             )
 
     def directory(self, trainer: Trainer) -> Path:
@@ -145,7 +150,7 @@ class HotExpertInjectionCallback(Callback):
             return Path(self.output_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "hellora"
 
-    def _announce(self, model) -> None:
+    def _announce(self) -> None:
         plan = self.plan
         lines = [f"[hellora] method={plan.method} policy={plan.policy} rank={plan.rank} alpha={plan.alpha}"]
         for layer in plan.layers:
@@ -175,15 +180,26 @@ class HotExpertInjectionCallback(Callback):
 
     # -- saving --------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"plan": None if self.plan is None else self.plan.to_dict()}
+        if self.plan is None:
+            return {}
+        return {"plan": self.plan.to_dict(), "adapters": self._adapters}
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if self.plan is None:
             return
-        if self.checkpoint_adapters_only:
-            trainable = {name for name, param in pl_module.named_parameters() if param.requires_grad}
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        adapter_keys = {f"{self.model_attribute}.{name}" for name in adapter_state_dict(self._model)}
+        trainable = {name for name, param in pl_module.named_parameters() if param.requires_grad}
+        checkpoint["state_dict"] = {
+            key: value
+            for key, value in checkpoint["state_dict"].items()
+            if key not in adapter_keys and (key in trainable or not self.checkpoint_adapters_only)
+        }
         self._save(trainer, pl_module)
+
+    @property
+    def _adapters(self) -> dict:
+        """Adapter tensors by their names in the backbone, on CPU (checkpoints hold copies)."""
+        return {name: t.detach().cpu().clone() for name, t in adapter_state_dict(self._model).items()}
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.plan is not None:
@@ -192,4 +208,3 @@ class HotExpertInjectionCallback(Callback):
     def _save(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             save_adapter(self.directory(trainer), backbone_of(pl_module, self.model_attribute), self.plan)
-

@@ -28,7 +28,12 @@ def backbone_of(pl_module: LightningModule, model_attribute: str) -> nn.Module:
 
 
 def train_dataloader(trainer: Trainer, pl_module: LightningModule):
-    source = trainer.datamodule if trainer.datamodule is not None else pl_module
-    if not hasattr(source, "train_dataloader"):
-        raise RuntimeError("Routing profiling needs training data: pass a datamodule or define train_dataloader().")
-    return source.train_dataloader()
+    """The training data however it was given: a datamodule, `train_dataloaders=`, or the module."""
+    # The fit loop's data source resolves all three; it is the one place Lightning keeps that.
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    if source is not None and source.is_defined():
+        return source.dataloader()
+    raise RuntimeError(
+        "Routing profiling needs training data: pass a datamodule or train_dataloaders to trainer.fit, "
+        "or define train_dataloader() on the LightningModule."
+    )

@@ -51,7 +51,7 @@ class RoutingProfilerCallback(Callback):
 
     # -- profiling before training -------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.ckpt_path is None:
+        if stage == "fit":
             self.ensure_profile(trainer, pl_module)
 
     def ensure_profile(self, trainer: Trainer, pl_module: LightningModule) -> RoutingProfile:

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from hellora_pl.datamodules.sampler import EpochShuffleSampler
 from hellora_pl.datamodules.collate import CausalLMCollator, tokenize_prompt_response
 from hellora_pl.datamodules.tokenizer import load_tokenizer
 
@@ -175,8 +176,7 @@ class ArithmeticDataModule(L.LightningDataModule):
         return DataLoader(
             examples,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            sampler=EpochShuffleSampler(len(examples), self.seed) if shuffle else None,
             collate_fn=CausalLMCollator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

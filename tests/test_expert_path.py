@@ -1,0 +1,137 @@
+"""The adapted expert path against a naive oracle that builds W + BA per expert."""
+
+import pytest
+import torch
+
+from hellora_pl.adapters import AdapterPlan, ExpertLoRA, LayerPlan, adapter_state_dict, inject_adapters
+from hellora_pl.adapters.experts import attach_expert_lora
+from hellora_pl.kernels import adapted_experts_forward
+
+from conftest import tiny_olmoe
+
+
+def naive_experts_forward(experts, hidden, top_k_index, top_k_weights):
+    """Loop over (token, k); each expert's weights are W + scale * B A when it is hot."""
+    lora = getattr(experts, "hellora_lora", None)
+    out = torch.zeros_like(hidden)
+    for t in range(hidden.shape[0]):
+        for j in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, j])
+            w_gu, w_d = experts.gate_up_proj[e], experts.down_proj[e]
+            if lora is not None and int(lora.slot_of_expert[e]) >= 0:
+                s = int(lora.slot_of_expert[e])
+                w_gu = w_gu + lora.scale * lora.lora_B["gate_up_proj"][s] @ lora.lora_A["gate_up_proj"][s]
+                w_d = w_d + lora.scale * lora.lora_B["down_proj"][s] @ lora.lora_A["down_proj"][s]
+            gate, up = (w_gu @ hidden[t]).chunk(2)
+            out[t] += top_k_weights[t, j] * (w_d @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+def experts_with_lora(hot, num_tokens=23, top_k=2, seed=0, **config):
+    torch.manual_seed(seed)
+    model = tiny_olmoe(**config)
+    experts = model.model.layers[0].mlp.experts
+    experts.requires_grad_(False)
+    lora = ExpertLoRA(experts, hot, rank=4, alpha=8)
+    with torch.no_grad():
+        for name in lora.projections:
+            lora.lora_B[name].normal_(0, 0.5)
+    attach_expert_lora(experts, lora)
+    num_experts = experts.gate_up_proj.shape[0]
+    hidden = torch.randn(num_tokens, experts.gate_up_proj.shape[2])
+    scores = torch.randn(num_tokens, num_experts)
+    weights, index = torch.topk(scores.softmax(-1), top_k, dim=-1)
+    return experts, lora, hidden, index, weights
+
+
+@pytest.mark.parametrize(
+    "hot,top_k",
+    [([0, 3], 2), ([5], 1), (list(range(8)), 2), ([1, 2, 7], 8), ([6], 3)],
+)
+def test_forward_and_grads_match_naive_loop(hot, top_k):
+    experts, lora, hidden, index, weights = experts_with_lora(hot, top_k=top_k)
+    hidden.requires_grad_(True)
+    ours = adapted_experts_forward(experts, hidden, index, weights)
+    grad_out = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, [hidden, *lora.parameters()], grad_out)
+
+    reference = naive_experts_forward(experts, hidden, index, weights)
+    ref_grads = torch.autograd.grad(reference, [hidden, *lora.parameters()], grad_out)
+
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    for got, want in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cold_tokens_equal_base_and_hot_tokens_change():
+    experts, lora, hidden, index, weights = experts_with_lora([0, 3], num_tokens=64)
+    adapted = adapted_experts_forward(experts, hidden, index, weights)
+    delattr(experts, "hellora_lora")
+    base = adapted_experts_forward(experts, hidden, index, weights)
+    touches_hot = (index.unsqueeze(-1) == torch.tensor([0, 3])).any(-1).any(-1)
+    assert touches_hot.any() and (~touches_hot).any()
+    torch.testing.assert_close(adapted[~touches_hot], base[~touches_hot], atol=0, rtol=0)
+    assert (adapted[touches_hot] - base[touches_hot]).abs().amax(-1).min() > 1e-4
+
+
+def test_hot_expert_without_tokens_gets_no_update_and_no_error():
+    experts, lora, hidden, _, _ = experts_with_lora([4, 6], num_tokens=10)
+    index = torch.zeros(10, 2, dtype=torch.long)
+    index[:, 1] = 6  # expert 4 is hot but receives nothing
+    weights = torch.full((10, 2), 0.5)
+    out = adapted_experts_forward(experts, hidden, index, weights)
+    out.sum().backward()
+    assert lora.lora_A["gate_up_proj"].grad[0].abs().sum() == 0  # slot 0 = expert 4
+    assert lora.lora_A["gate_up_proj"].grad[1].abs().sum() > 0
+
+
+def test_base_path_matches_transformers_grouped_mm(token_batch):
+    model = tiny_olmoe()
+    with torch.no_grad():
+        reference = model(**token_batch).logits
+        model.set_experts_implementation("hellora")
+        ours = model(**token_batch).logits
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def full_plan(model, hot):
+    return AdapterPlan(
+        method="hellora",
+        architecture="olmoe",
+        num_experts=8,
+        top_k=2,
+        policy={"name": "test"},
+        rank=4,
+        alpha=8,
+        router_rank=4,
+        attention_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        expert_modules=["gate_up_proj", "down_proj"],
+        layers=[LayerPlan(0, hot[0]), LayerPlan(1, hot[1])],
+    )
+
+
+def test_zero_B_leaves_model_output_unchanged(model, token_batch):
+    with torch.no_grad():
+        before = model(**token_batch).logits
+    inject_adapters(model, full_plan(model, [[1, 2], [0, 7]]))
+    with torch.no_grad():
+        after = model(**token_batch).logits
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+
+
+def test_only_adapter_tensors_get_gradients(model, token_batch):
+    inject_adapters(model, full_plan(model, [[1, 2], [0, 7]]))
+    with torch.no_grad():
+        for name, tensor in adapter_state_dict(model).items():
+            if "lora_B" in name:
+                tensor.normal_(0, 0.1)
+    labels = token_batch["input_ids"].clone()
+    model(**token_batch, labels=labels).loss.backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and with_grad <= set(adapter_state_dict(model))
+    # every adapter that saw tokens gets a gradient: attention, routers and hot experts
+    assert any("q_proj.lora_A" in n for n in with_grad)
+    assert any("gate.parametrizations.weight.0.lora_A" in n for n in with_grad)
+    assert any("experts.hellora_lora.lora_A.down_proj" in n for n in with_grad)
+    frozen = [p for n, p in model.named_parameters() if n not in adapter_state_dict(model)]
+    assert all(not p.requires_grad and p.grad is None for p in frozen)

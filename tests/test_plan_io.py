@@ -1,0 +1,114 @@
+"""Plans as data: round trip, save/load of adapters, merge, and the parameter counts."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hellora_pl.adapters import (
+    AdapterPlan,
+    adapter_state_dict,
+    build_plan,
+    inject_adapters,
+    injected_hot_experts,
+    load_adapter,
+    merge_adapters,
+    save_adapter,
+)
+from hellora_pl.routing import AllExperts, RoutingRecorder, TopKPerLayer
+
+from conftest import tiny_olmoe
+
+
+def profiled_plan(model, batch, policy=None, **kwargs):
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        recorder.armed = True
+        model(**batch)
+    options = dict(rank=4, alpha=8.0, router_rank=2)
+    options.update(kwargs)
+    return build_plan(model, policy or TopKPerLayer(), recorder.profile(), **options)
+
+
+def randomize_adapters(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in adapter_state_dict(model).items():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+
+
+def test_plan_json_round_trip(model, token_batch, tmp_path):
+    plan = profiled_plan(model, token_batch)
+    plan.save(tmp_path / "plan.json")
+    again = AdapterPlan.read(tmp_path / "plan.json")
+    assert again == plan
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert data["method"] == "hellora" and len(data["layers"]) == 2
+    assert all(len(layer["hot_experts"]) == 2 and len(layer["counts"]) == 8 for layer in data["layers"])
+
+
+def test_plan_counts_match_injected_parameters(model, token_batch):
+    plan = profiled_plan(model, token_batch)
+    inject_adapters(model, plan)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == plan.trainable_params == sum(t.numel() for t in adapter_state_dict(model).values())
+    assert injected_hot_experts(model) == plan.hot_experts()
+    lora_all = tiny_olmoe()
+    all_plan = build_plan(lora_all, AllExperts(), None, rank=4, alpha=8.0, router_rank=2)
+    inject_adapters(lora_all, all_plan)
+    assert plan.lora_all_experts_params == sum(p.numel() for p in lora_all.parameters() if p.requires_grad)
+    assert plan.trainable_params < plan.lora_all_experts_params
+
+
+def test_save_and_load_adapter_reproduces_outputs(model, token_batch, tmp_path):
+    plan = profiled_plan(model, token_batch)
+    inject_adapters(model, plan)
+    randomize_adapters(model)
+    with torch.no_grad():
+        expected = model(**token_batch).logits
+    save_adapter(tmp_path / "hellora", model, plan)
+    fresh = tiny_olmoe()
+    loaded_plan = load_adapter(fresh, tmp_path / "hellora")
+    assert loaded_plan == plan
+    with torch.no_grad():
+        got = fresh(**token_batch).logits
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_merged_model_equals_adapted_and_saves_pretrained(model, token_batch, tmp_path):
+    plan = profiled_plan(model, token_batch)
+    inject_adapters(model, plan)
+    randomize_adapters(model)
+    with torch.no_grad():
+        adapted = model(**token_batch).logits
+    merge_adapters(model)
+    assert not adapter_state_dict(model)
+    with torch.no_grad():
+        merged = model(**token_batch).logits
+    torch.testing.assert_close(merged, adapted, atol=2e-5, rtol=2e-5)
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**token_batch).logits, merged, atol=1e-6, rtol=1e-6)
+    assert set(reloaded.state_dict()) == set(tiny_olmoe().state_dict())
+
+
+def test_load_adapter_rejects_mismatched_tensors(model, token_batch, tmp_path):
+    plan = profiled_plan(model, token_batch)
+    inject_adapters(model, plan)
+    save_adapter(tmp_path, model, plan)
+    other = tiny_olmoe()
+    plan.layers[0].hot_experts = [e for e in range(8) if e not in plan.layers[0].hot_experts][:3]
+    plan.save(tmp_path / "plan.json")
+    with pytest.raises(ValueError, match="the injected plan expects"):
+        load_adapter(other, tmp_path)
+
+
+def test_load_adapter_rejects_missing_tensor(model, token_batch, tmp_path):
+    plan = profiled_plan(model, token_batch)
+    inject_adapters(model, plan)
+    save_adapter(tmp_path, model, plan)
+    plan.attention_modules = ["q_proj", "k_proj", "v_proj"]
+    plan.save(tmp_path / "plan.json")
+    with pytest.raises(ValueError, match="do not match the plan"):
+        load_adapter(tiny_olmoe(), tmp_path)
