@@ -16,6 +16,7 @@ def main(args=None) -> None:
         HelloraModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": False},
+        parser_kwargs={"allow_abbrev": False},  # a typo in a flag is an error, not a prefix match
         args=args,
     )
 

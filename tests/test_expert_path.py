@@ -5,9 +5,10 @@ import torch
 
 from hellora_pl.adapters import AdapterPlan, ExpertLoRA, LayerPlan, adapter_state_dict, inject_adapters
 from hellora_pl.adapters.experts import attach_expert_lora
+from hellora_pl.backbones import BackboneConfig, load_backbone
 from hellora_pl.kernels import adapted_experts_forward
 
-from conftest import tiny_olmoe
+from conftest import TINY_OLMOE, tiny_olmoe
 
 
 def naive_experts_forward(experts, hidden, top_k_index, top_k_weights):
@@ -135,3 +136,19 @@ def test_only_adapter_tensors_get_gradients(model, token_batch):
     assert any("experts.hellora_lora.lora_A.down_proj" in n for n in with_grad)
     frozen = [p for n, p in model.named_parameters() if n not in adapter_state_dict(model)]
     assert all(not p.requires_grad and p.grad is None for p in frozen)
+
+
+def test_bfloat16_base_keeps_float32_adapters_that_train(token_batch):
+    model = load_backbone(BackboneConfig(model_type="olmoe", config=TINY_OLMOE, dtype="bfloat16"))
+    plan = full_plan(model, [[1, 2], [0, 7]])
+    inject_adapters(model, plan)
+    adapters = adapter_state_dict(model)
+    assert {t.dtype for t in adapters.values()} == {torch.float32}
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    with torch.no_grad():
+        for name, tensor in adapters.items():
+            if "lora_B" in name:
+                tensor.normal_(0, 0.1)
+    model(**token_batch, labels=token_batch["input_ids"]).loss.backward()
+    grads = [t.grad for t in adapters.values()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -112,3 +112,17 @@ def test_load_adapter_rejects_missing_tensor(model, token_batch, tmp_path):
     plan.save(tmp_path / "plan.json")
     with pytest.raises(ValueError, match="do not match the plan"):
         load_adapter(tiny_olmoe(), tmp_path)
+
+
+def test_remove_adapters_restores_the_base(model, token_batch):
+    with torch.no_grad():
+        base = model(**token_batch).logits
+    inject_adapters(model, profiled_plan(model, token_batch))
+    randomize_adapters(model)
+    from hellora_pl.adapters import remove_adapters
+
+    remove_adapters(model)
+    assert not adapter_state_dict(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**token_batch).logits, base, atol=1e-6, rtol=1e-6)
+    assert set(model.state_dict()) == set(tiny_olmoe().state_dict())

@@ -135,3 +135,22 @@ def test_lora_baseline_trains_more_parameters_than_hellora(tmp_path):
         counts[name] = injection.plan.trainable_params
         assert injection.plan.method == name
     assert counts["lora"] > counts["hellora"]
+
+
+def test_gradient_checkpointing_trains_adapters_and_routing_is_counted_once(tmp_path):
+    module = HelloraModule(BackboneConfig(model_type="olmoe", config=TINY_OLMOE), gradient_checkpointing=True)
+    profiler = RoutingProfilerCallback(num_batches=1, watch_every_n_steps=1)
+    counted = []
+    original = profiler.on_train_batch_end
+
+    def spy(trainer, pl_module, outputs, batch, batch_idx):
+        counted.append(profiler._watch.profile().counts.sum(dim=1).tolist())
+        original(trainer, pl_module, outputs, batch, batch_idx)
+
+    profiler.on_train_batch_end = spy
+    injection = HotExpertInjectionCallback(rank=4, alpha=8)
+    make_trainer(tmp_path, 2, [profiler, injection]).fit(module, datamodule=RandomTokens())
+    assert module.model.is_gradient_checkpointing
+    tokens_per_batch, top_k = 2 * 10, TINY_OLMOE["num_experts_per_tok"]
+    assert counted == [[tokens_per_batch * top_k] * 2] * 2  # the recomputation in backward is not counted
+    assert all(not torch.equal(t, torch.zeros_like(t)) for n, t in adapter_state_dict(module.model).items() if "lora_B" in n)

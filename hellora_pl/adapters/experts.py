@@ -28,6 +28,7 @@ class ExpertLoRA(nn.Module):
         dropout: float = 0.0,
         projections: Sequence[str] = ("gate_up_proj", "down_proj"),
         where: str = "experts",
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         num_experts = getattr(experts, projections[0]).shape[0]
@@ -49,7 +50,7 @@ class ExpertLoRA(nn.Module):
             weight = getattr(experts, name)
             _, out_features, in_features = weight.shape
             check_rank(rank, (out_features, in_features), f"{where}.{name}")
-            factory = {"device": weight.device, "dtype": weight.dtype}
+            factory = {"device": weight.device, "dtype": dtype or weight.dtype}
             self.lora_A[name] = nn.Parameter(torch.empty(len(hot), rank, in_features, **factory))
             self.lora_B[name] = nn.Parameter(torch.empty(len(hot), out_features, rank, **factory))
             init_lora_pair(self.lora_A[name], self.lora_B[name])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..backbones import architecture_for
@@ -10,6 +11,9 @@ from .experts import ExpertLoRA, attach_expert_lora, expert_lora
 from .linear import LoRALinear
 from .plan import AdapterPlan
 from .router import RouterLoRA, attach_router_lora, router_lora
+
+
+ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def lora_params(shape: tuple[int, int], rank: int) -> int:
@@ -42,6 +46,9 @@ def inject_adapters(model: nn.Module, plan: AdapterPlan) -> None:
         raise ValueError(f"The plan was made for {plan.architecture!r} but the model is {arch.name!r}.")
     if is_injected(model):
         raise RuntimeError("This model already holds hellora adapters; merge or reload it before injecting again.")
+    if plan.dtype not in ADAPTER_DTYPES:
+        raise ValueError(f"Unknown adapter dtype {plan.dtype!r}; choose one of {', '.join(ADAPTER_DTYPES)}.")
+    dtype = ADAPTER_DTYPES[plan.dtype]
     for param in model.parameters():
         param.requires_grad_(False)
     for index, layer in enumerate(arch.decoder_layers(model)):
@@ -49,14 +56,14 @@ def inject_adapters(model: nn.Module, plan: AdapterPlan) -> None:
         for name in plan.attention_modules:
             base = getattr(attention, name)
             where = f"layer {index} {arch.attention}.{name}"
-            setattr(attention, name, LoRALinear(base, plan.rank, plan.alpha, plan.dropout, where))
+            setattr(attention, name, LoRALinear(base, plan.rank, plan.alpha, plan.dropout, where, dtype))
     moe_layers = {moe.index: moe for moe in arch.moe_layers(model)}
     unknown = sorted(set(plan.hot_experts()) - set(moe_layers))
     if unknown:
         raise ValueError(f"The plan names MoE layers {unknown} that this model does not have.")
     for index, moe in moe_layers.items():
         if plan.router_rank is not None:
-            attach_router_lora(moe.router, plan.router_rank, plan.alpha, f"layer {index} router")
+            attach_router_lora(moe.router, plan.router_rank, plan.alpha, f"layer {index} router", dtype)
     for layer_plan in plan.layers:
         if plan.expert_modules and layer_plan.hot_experts:
             experts = moe_layers[layer_plan.layer].experts
@@ -68,6 +75,7 @@ def inject_adapters(model: nn.Module, plan: AdapterPlan) -> None:
                 plan.dropout,
                 plan.expert_modules,
                 f"layer {layer_plan.layer} experts",
+                dtype,
             )
             attach_expert_lora(experts, lora)
     use_adapted_experts(model)

@@ -9,13 +9,21 @@ from .init import check_rank, init_lora_pair
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, where: str = "linear"):
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        where: str = "linear",
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         check_rank(rank, tuple(base_layer.weight.shape), where)
         self.base_layer = base_layer
         self.rank = rank
         self.scale = alpha / rank
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        factory = {"device": base_layer.weight.device, "dtype": dtype or base_layer.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, rank, **factory))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -32,6 +32,7 @@ class AdapterPlan:
     rank: int
     alpha: float
     dropout: float = 0.0
+    dtype: str = "float32"  # of the adapter tensors, whatever the base's dtype
     router_rank: int | None = None  # None: no router adapter
     attention_modules: list[str] = field(default_factory=list)
     expert_modules: list[str] = field(default_factory=list)

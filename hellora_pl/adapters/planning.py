@@ -22,6 +22,7 @@ def build_plan(
     attention_modules: Sequence[str] | None = None,
     router_rank: int | None = None,
     expert_modules: Sequence[str] | None = None,
+    dtype: str = "float32",
 ) -> AdapterPlan:
     """Choose hot experts per MoE layer and describe every adapter to inject.
 
@@ -59,6 +60,7 @@ def build_plan(
         rank=rank,
         alpha=alpha,
         dropout=dropout,
+        dtype=dtype,
         router_rank=router_rank,
         attention_modules=list(arch.attention_projections if attention_modules is None else attention_modules),
         expert_modules=list(arch.expert_projections if expert_modules is None else expert_modules),

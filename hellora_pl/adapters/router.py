@@ -15,22 +15,27 @@ from .init import check_rank, init_lora_pair
 
 
 class RouterLoRA(nn.Module):
-    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, where: str = "router"):
+    def __init__(
+        self, weight: torch.Tensor, rank: int, alpha: float, where: str = "router", dtype: torch.dtype | None = None
+    ):
         super().__init__()
         check_rank(rank, tuple(weight.shape), where)
         self.rank = rank
         self.scale = alpha / rank
         num_experts, hidden = weight.shape
-        self.lora_A = nn.Parameter(torch.empty(rank, hidden, device=weight.device, dtype=weight.dtype))
-        self.lora_B = nn.Parameter(torch.empty(num_experts, rank, device=weight.device, dtype=weight.dtype))
+        factory = {"device": weight.device, "dtype": dtype or weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, hidden, **factory))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, rank, **factory))
         init_lora_pair(self.lora_A, self.lora_B)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + (self.scale * (self.lora_B @ self.lora_A)).to(weight.dtype)
 
 
-def attach_router_lora(router: nn.Module, rank: int, alpha: float, where: str) -> RouterLoRA:
-    lora = RouterLoRA(router.weight, rank, alpha, where)
+def attach_router_lora(
+    router: nn.Module, rank: int, alpha: float, where: str, dtype: torch.dtype | None = None
+) -> RouterLoRA:
+    lora = RouterLoRA(router.weight, rank, alpha, where, dtype)
     parametrize.register_parametrization(router, "weight", lora, unsafe=True)
     router.parametrizations.weight.original.requires_grad_(False)
     return lora

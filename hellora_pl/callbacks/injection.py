@@ -30,7 +30,8 @@ class HotExpertInjectionCallback(Callback):
     Fit: the routing profile (from a RoutingProfilerCallback in the trainer, or one made here
     with its defaults) and `hot_experts` choose each layer's hot experts; LoRA goes on the
     attention projections, the router (when `router`), and the fused expert tensors of the hot
-    experts only. `adapter_path` starts from (or, for validate/test, evaluates) the adapters an
+    experts only. Adapter tensors are kept in `adapter_dtype` (float32 by default, whatever the
+    base's dtype). `adapter_path` starts from (or, for validate/test, evaluates) the adapters an
     earlier run saved.
 
     Checkpoints carry the plan and the adapter tensors in this callback's state, and the model
@@ -49,6 +50,7 @@ class HotExpertInjectionCallback(Callback):
         rank: int = 8,
         alpha: float = 16.0,
         dropout: float = 0.0,
+        adapter_dtype: str = "float32",
         attention_modules: list[str] | None = None,
         router: bool = True,
         router_rank: int | None = None,
@@ -63,6 +65,7 @@ class HotExpertInjectionCallback(Callback):
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
+        self.adapter_dtype = adapter_dtype
         self.attention_modules = attention_modules
         self.router = router
         self.router_rank = router_rank
@@ -109,6 +112,7 @@ class HotExpertInjectionCallback(Callback):
             rank=self.rank,
             alpha=self.alpha,
             dropout=self.dropout,
+            dtype=self.adapter_dtype,
             attention_modules=self.attention_modules,
             router_rank=router_rank,
             expert_modules=None if self.experts else [],
