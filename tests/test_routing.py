@@ -108,3 +108,13 @@ def test_profile_round_trip(tmp_path):
     assert again.to_dict() == profile.to_dict()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         RoutingProfile.read(tmp_path / "missing.json")
+
+
+def test_heatmap_image_shape_and_brightness():
+    from hellora_pl.routing.heatmap import heatmap_image
+
+    image = heatmap_image(torch.tensor([[0.0, 1.0, 3.0], [2.0, 2.0, 0.0]]), cell=4)
+    assert image.shape == (3, 8, 12) and image.dtype == torch.uint8
+    brightness = image.float().sum(0)
+    assert brightness[0, 8] > brightness[0, 4] > brightness[0, 0]  # row 0: 3 > 1 > 0
+    assert brightness[4, 0] == brightness[4, 4] > brightness[4, 8]  # row 1: each row scaled to its max

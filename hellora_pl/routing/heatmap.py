@@ -17,9 +17,14 @@ _STOPS = torch.tensor(
 )
 
 
-def heatmap_image(values: torch.Tensor, cell: int = 12) -> torch.Tensor:
-    """uint8 [3, rows * cell, cols * cell], each row scaled to its own max (bright = most used)."""
+def heatmap_image(values: torch.Tensor, cell: int | None = None) -> torch.Tensor:
+    """uint8 [3, rows * cell, cols * cell], each row scaled to its own max (bright = most used).
+
+    `cell` (pixels per entry) defaults to what makes the image about 1024 pixels wide.
+    """
     values = values.double()
+    if cell is None:
+        cell = max(4, min(32, 1024 // values.shape[1]))
     scaled = values / values.amax(dim=1, keepdim=True).clamp_min(1e-12)
     position = scaled.float().clamp(0, 1) * (len(_STOPS) - 1)
     low = position.floor().long().clamp(max=len(_STOPS) - 2)
