@@ -10,7 +10,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from hellora_pl.backbones import BackboneConfig, load_backbone  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 TINY_OLMOE = dict(
     vocab_size=64,

@@ -146,7 +146,8 @@ class HotExpertInjectionCallback(Callback):
         if existing.exists() and not self.overwrite:
             raise FileExistsError(
                 f"{existing} exists from an earlier run and would be overwritten. Log to a new directory "
-                "(a new logger version or default_root_dir), or set HotExpertInjectionCallback(overwrite=true)."
+                "(a new logger version or default_root_dir), or set HotExpertInjectionCallback(overwrite=true), "
+                "for instance to resume into the same directory."
             )
 
     def directory(self, trainer: Trainer) -> Path:
@@ -186,7 +187,7 @@ class HotExpertInjectionCallback(Callback):
     def state_dict(self) -> dict:
         if self.plan is None:
             return {}
-        return {"plan": self.plan.to_dict(), "adapters": self._adapters}
+        return {"plan": self.plan.to_dict(), "adapters": self._adapter_copies()}
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if self.plan is None:
@@ -200,8 +201,7 @@ class HotExpertInjectionCallback(Callback):
         }
         self._save(trainer, pl_module)
 
-    @property
-    def _adapters(self) -> dict:
+    def _adapter_copies(self) -> dict:
         """Adapter tensors by their names in the backbone, on CPU (checkpoints hold copies)."""
         return {name: t.detach().cpu().clone() for name, t in adapter_state_dict(self._model).items()}
 
