@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..backbones import architecture_for
+from ..backbones.loading import DTYPES as ADAPTER_DTYPES
 from ..kernels import use_adapted_experts
 from .experts import ExpertLoRA, attach_expert_lora, expert_lora
 from .linear import LoRALinear
 from .plan import AdapterPlan
 from .router import RouterLoRA, attach_router_lora, router_lora
-
-
-ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def lora_params(shape: tuple[int, int], rank: int) -> int:

@@ -199,7 +199,7 @@ class HotExpertInjectionCallback(Callback):
             for key, value in checkpoint["state_dict"].items()
             if key not in adapter_keys and (key in trainable or not self.checkpoint_adapters_only)
         }
-        self._save(trainer, pl_module)
+        self._save(trainer)
 
     def _adapter_copies(self) -> dict:
         """Adapter tensors by their names in the backbone, on CPU (checkpoints hold copies)."""
@@ -207,8 +207,8 @@ class HotExpertInjectionCallback(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.plan is not None:
-            self._save(trainer, pl_module)
+            self._save(trainer)
 
-    def _save(self, trainer, pl_module) -> None:
+    def _save(self, trainer) -> None:
         if trainer.is_global_zero:
-            save_adapter(self.directory(trainer), backbone_of(pl_module, self.model_attribute), self.plan)
+            save_adapter(self.directory(trainer), self._model, self.plan)

@@ -8,7 +8,6 @@ from itertools import islice
 from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
