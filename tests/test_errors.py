@@ -8,12 +8,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import REPO, TINY_OLMOE
 from hellora_pl import BackboneConfig, HotExpertInjectionCallback, RoutingProfilerCallback, load_backbone
 from hellora_pl.adapters import build_plan, inject_adapters, load_adapter
 from hellora_pl.backbones import UnsupportedArchitectureError, architecture_for
 from hellora_pl.routing import AllExperts, TopKPerLayer
-
-from conftest import REPO, TINY_OLMOE
 
 
 def test_unknown_architecture_names_the_supported_ones():
@@ -21,7 +20,7 @@ def test_unknown_architecture_names_the_supported_ones():
                                          num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
     with pytest.raises(UnsupportedArchitectureError, match=r"'llama' is not supported.*olmoe.*register_architecture"):
         architecture_for(llama)
-    with pytest.raises(ValueError, match="Unknown model_type 'llama'; hellora_pl supports olmoe"):
+    with pytest.raises(ValueError, match="Unknown model_type .llama.; hellora_pl supports deepseek.*mixtral, olmoe, qwen2_moe"):
         load_backbone(BackboneConfig(model_type="llama", config={}))
 
 

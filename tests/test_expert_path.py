@@ -3,12 +3,11 @@
 import pytest
 import torch
 
+from conftest import TINY_OLMOE, tiny_olmoe
 from hellora_pl.adapters import AdapterPlan, ExpertLoRA, LayerPlan, adapter_state_dict, inject_adapters
-from hellora_pl.adapters.experts import attach_expert_lora
+from hellora_pl.adapters.experts import EXPERT_ADAPTER_ATTR
 from hellora_pl.backbones import BackboneConfig, load_backbone
 from hellora_pl.kernels import adapted_experts_forward
-
-from conftest import TINY_OLMOE, tiny_olmoe
 
 
 def naive_experts_forward(experts, hidden, top_k_index, top_k_weights):
@@ -21,8 +20,8 @@ def naive_experts_forward(experts, hidden, top_k_index, top_k_weights):
             w_gu, w_d = experts.gate_up_proj[e], experts.down_proj[e]
             if lora is not None and int(lora.slot_of_expert[e]) >= 0:
                 s = int(lora.slot_of_expert[e])
-                w_gu = w_gu + lora.scale * lora.lora_B["gate_up_proj"][s] @ lora.lora_A["gate_up_proj"][s]
-                w_d = w_d + lora.scale * lora.lora_B["down_proj"][s] @ lora.lora_A["down_proj"][s]
+                w_gu = w_gu + lora.scale * lora.effective_B("gate_up_proj")[s] @ lora.lora_A["gate_up_proj"][s]
+                w_d = w_d + lora.scale * lora.effective_B("down_proj")[s] @ lora.lora_A["down_proj"][s]
             gate, up = (w_gu @ hidden[t]).chunk(2)
             out[t] += top_k_weights[t, j] * (w_d @ (torch.nn.functional.silu(gate) * up))
     return out
@@ -33,11 +32,12 @@ def experts_with_lora(hot, num_tokens=23, top_k=2, seed=0, **config):
     model = tiny_olmoe(**config)
     experts = model.model.layers[0].mlp.experts
     experts.requires_grad_(False)
-    lora = ExpertLoRA(experts, hot, rank=4, alpha=8)
+    shapes = {name: tuple(getattr(experts, name).shape[1:]) for name in ("gate_up_proj", "down_proj")}
+    lora = ExpertLoRA(shapes, experts.gate_up_proj.shape[0], hot, rank=4, scale=2.0)
     with torch.no_grad():
         for name in lora.projections:
             lora.lora_B[name].normal_(0, 0.5)
-    attach_expert_lora(experts, lora)
+    setattr(experts, EXPERT_ADAPTER_ATTR, lora)
     num_experts = experts.gate_up_proj.shape[0]
     hidden = torch.randn(num_tokens, experts.gate_up_proj.shape[2])
     scores = torch.randn(num_tokens, num_experts)

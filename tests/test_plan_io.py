@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import tiny_olmoe
 from hellora_pl.adapters import (
     AdapterPlan,
     adapter_state_dict,
@@ -17,8 +18,6 @@ from hellora_pl.adapters import (
     save_adapter,
 )
 from hellora_pl.routing import AllExperts, RoutingRecorder, TopKPerLayer
-
-from conftest import tiny_olmoe
 
 
 def profiled_plan(model, batch, policy=None, **kwargs):
@@ -33,7 +32,7 @@ def profiled_plan(model, batch, policy=None, **kwargs):
 def randomize_adapters(model, seed=0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, tensor in adapter_state_dict(model).items():
+        for tensor in adapter_state_dict(model).values():
             tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
 
 
@@ -54,7 +53,7 @@ def test_plan_counts_match_injected_parameters(model, token_batch):
     assert trainable == plan.trainable_params == sum(t.numel() for t in adapter_state_dict(model).values())
     assert injected_hot_experts(model) == plan.hot_experts()
     lora_all = tiny_olmoe()
-    all_plan = build_plan(lora_all, AllExperts(), None, rank=4, alpha=8.0, router_rank=2)
+    all_plan = build_plan(lora_all, AllExperts(), None, rank=4, alpha=8.0, router_rank=4)  # the baseline
     inject_adapters(lora_all, all_plan)
     assert plan.lora_all_experts_params == sum(p.numel() for p in lora_all.parameters() if p.requires_grad)
     assert plan.trainable_params < plan.lora_all_experts_params

@@ -9,12 +9,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from hellora_pl import BackboneConfig, HelloraModule, HotExpertInjectionCallback, RoutingProfilerCallback
-from hellora_pl.datamodules import EpochShuffleSampler
-from hellora_pl.adapters import AdapterPlan, adapter_state_dict, injected_hot_experts
-from hellora_pl.routing import AllExperts, FractionPerLayer
-
 from conftest import TINY_OLMOE
+from hellora_pl import BackboneConfig, HelloraModule, HotExpertInjectionCallback, RoutingProfilerCallback
+from hellora_pl.adapters import AdapterPlan, adapter_state_dict, injected_hot_experts
+from hellora_pl.datamodules import EpochShuffleSampler
+from hellora_pl.routing import AllExperts, FractionPerLayer
 
 
 class RandomTokens(pl.LightningDataModule):

@@ -1,9 +1,10 @@
 """Adapters: LoRA for linears, routers and a subset of fused experts; plans; merge; save/load."""
 
-from .experts import ExpertLoRA, expert_lora
+from .experts import ExpertAdapter, ExpertDelta, ExpertLoRA, expert_adapter, layer_expert_adapter
 from .inject import (
     adapter_modules,
     adapter_state_dict,
+    count_lora_baseline_params,
     count_plan_params,
     inject_adapters,
     injected_hot_experts,
@@ -12,14 +13,17 @@ from .inject import (
 from .io import ADAPTER_FILE, PLAN_FILE, load_adapter, load_adapter_weights, save_adapter
 from .linear import LoRALinear
 from .merge import merge_adapters, remove_adapters
-from .plan import AdapterPlan, LayerPlan
+from .plan import METHODS, AdapterPlan, LayerPlan
 from .planning import build_plan
 from .router import RouterLoRA
 
 __all__ = [
     "ADAPTER_FILE",
     "PLAN_FILE",
+    "METHODS",
     "AdapterPlan",
+    "ExpertAdapter",
+    "ExpertDelta",
     "ExpertLoRA",
     "LayerPlan",
     "LoRALinear",
@@ -28,7 +32,9 @@ __all__ = [
     "build_plan",
     "adapter_state_dict",
     "count_plan_params",
-    "expert_lora",
+    "count_lora_baseline_params",
+    "expert_adapter",
+    "layer_expert_adapter",
     "inject_adapters",
     "injected_hot_experts",
     "is_injected",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..backbones import architecture_for
-from .experts import EXPERT_LORA_ATTR, merge_expert_lora
+from .experts import detach_expert_adapter
 from .linear import LoRALinear
 from .router import merge_router_lora, remove_router_lora, router_lora
 
@@ -26,17 +26,14 @@ def remove_adapters(model: nn.Module, experts_implementation: str = "grouped_mm"
 
 def _strip_adapters(model: nn.Module, merge: bool, experts_implementation: str) -> nn.Module:
     arch = architecture_for(model)
-    for layer in arch.decoder_layers(model):
-        attention = arch.attention_module(layer)
-        for name, child in list(attention.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(attention, name, child.merged() if merge else child.base_layer)
     for moe in arch.moe_layers(model):
         if router_lora(moe.router) is not None:
             (merge_router_lora if merge else remove_router_lora)(moe.router)
-        if merge:
-            merge_expert_lora(moe.experts)
-        elif hasattr(moe.experts, EXPERT_LORA_ATTR):
-            delattr(moe.experts, EXPERT_LORA_ATTR)
-    model.set_experts_implementation(experts_implementation)
+        detach_expert_adapter(moe, merge)
+    for parent in list(model.modules()):  # attention and shared-expert linears
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merged() if merge else child.base_layer)
+    if arch.fused:
+        model.set_experts_implementation(experts_implementation)
     return model

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..backbones import architecture_for
 from ..routing import AllExperts, HotExpertPolicy, RoutingProfile
-from .inject import count_plan_params
+from .inject import count_lora_baseline_params, count_plan_params
 from .plan import AdapterPlan, LayerPlan
 
 
@@ -22,18 +22,29 @@ def build_plan(
     attention_modules: Sequence[str] | None = None,
     router_rank: int | None = None,
     expert_modules: Sequence[str] | None = None,
+    shared_expert_modules: Sequence[str] | None = None,
     dtype: str = "float32",
+    method: str | None = None,
+    expert_adapter: str = "lora",
+    lori: dict | None = None,
+    dynamic_rank: dict | None = None,
 ) -> AdapterPlan:
-    """Choose hot experts per MoE layer and describe every adapter to inject.
+    """Choose the adapted experts per MoE layer and describe every adapter to inject.
 
-    `attention_modules` / `expert_modules` default to the architecture's; pass [] to switch
-    them off. `router_rank` None leaves the router frozen.
+    `attention_modules`, `expert_modules` and `shared_expert_modules` default to the
+    architecture's (attention projections the model lacks are skipped); pass [] to switch them
+    off. `router_rank` None leaves the router frozen. `dynamic_rank` (DR-LoRA) needs
+    "rank_init" and "rank_max": expert adapters are allocated at rank_max and start at
+    rank_init, within a budget of `rank` per adapted expert.
     """
     arch = architecture_for(model)
     moe_layers = arch.moe_layers(model)
     num_experts, top_k = arch.num_experts(model.config), arch.top_k(model.config)
+    expert_modules = list(arch.expert_projections if expert_modules is None else expert_modules)
+    if shared_expert_modules is None:
+        shared_expert_modules = arch.shared_expert_projections if arch.shared_experts else []
     if profile is None:
-        if policy.needs_profile:
+        if policy.needs_profile and expert_modules:
             raise ValueError(
                 f"The {policy.name!r} hot-expert policy needs a routing profile: add RoutingProfilerCallback "
                 "or give a saved profile."
@@ -51,8 +62,26 @@ def build_plan(
             LayerPlan(index, experts, profile.counts[i].tolist(), [round(float(g), 6) for g in profile.gate_mass[i]])
             for i, (index, experts) in enumerate(zip(profile.layers, hot))
         ]
+    if not expert_modules:
+        for layer in layers:
+            layer.hot_experts = []
+    if method is None:
+        method = "attention_only" if not expert_modules else "lora" if isinstance(policy, AllExperts) else "hellora"
+    expert_rank = None
+    if dynamic_rank is not None:
+        dynamic_rank = dict(dynamic_rank)
+        expert_rank = dynamic_rank["rank_max"]
+        adapted = sum(len(layer.hot_experts) for layer in layers)
+        dynamic_rank["budget"] = adapted * rank
+        if adapted * dynamic_rank["rank_init"] > dynamic_rank["budget"]:
+            raise ValueError(
+                f"DR-LoRA rank_init={dynamic_rank['rank_init']} exceeds the budget of a uniform rank {rank}; "
+                f"choose rank_init <= {rank}."
+            )
+        for layer in layers:
+            layer.expert_ranks = [dynamic_rank["rank_init"]] * len(layer.hot_experts)
     plan = AdapterPlan(
-        method="lora" if isinstance(policy, AllExperts) else "hellora",
+        method=method,
         architecture=arch.name,
         num_experts=num_experts,
         top_k=top_k,
@@ -62,11 +91,16 @@ def build_plan(
         dropout=dropout,
         dtype=dtype,
         router_rank=router_rank,
-        attention_modules=list(arch.attention_projections if attention_modules is None else attention_modules),
-        expert_modules=list(arch.expert_projections if expert_modules is None else expert_modules),
+        attention_modules=list(arch.attention_projections_of(model) if attention_modules is None else attention_modules),
+        expert_modules=expert_modules,
+        shared_expert_modules=list(shared_expert_modules),
+        expert_adapter=expert_adapter,
+        expert_rank=expert_rank,
+        lori=None if lori is None else dict(lori),
+        dynamic_rank=dynamic_rank,
         layers=layers,
         profile_tokens=0 if profile is None else profile.tokens,
     )
     plan.trainable_params = count_plan_params(model, plan)
-    plan.lora_all_experts_params = count_plan_params(model, plan, all_experts=True)
+    plan.lora_all_experts_params = count_lora_baseline_params(model, rank)
     return plan

@@ -11,12 +11,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .init import check_rank, init_lora_pair
+from .common import check_rank, effective_B, init_lora_pair
 
 
 class RouterLoRA(nn.Module):
     def __init__(
-        self, weight: torch.Tensor, rank: int, alpha: float, where: str = "router", dtype: torch.dtype | None = None
+        self,
+        weight: torch.Tensor,
+        rank: int,
+        alpha: float,
+        where: str = "router",
+        dtype: torch.dtype | None = None,
+        lori: bool = False,
     ):
         super().__init__()
         check_rank(rank, tuple(weight.shape), where)
@@ -27,15 +33,23 @@ class RouterLoRA(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, hidden, **factory))
         self.lora_B = nn.Parameter(torch.empty(num_experts, rank, **factory))
         init_lora_pair(self.lora_A, self.lora_B)
+        self.lora_A.requires_grad_(not lori)
+        self.register_buffer("lora_B_mask", torch.ones_like(self.lora_B, dtype=torch.bool) if lori else None)
+
+    def effective_B(self) -> torch.Tensor:
+        return effective_B(self.lora_B, self.lora_B_mask)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.effective_B() @ self.lora_A)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (self.scale * (self.lora_B @ self.lora_A)).to(weight.dtype)
+        return weight + self.delta_weight().to(weight.dtype)
 
 
 def attach_router_lora(
-    router: nn.Module, rank: int, alpha: float, where: str, dtype: torch.dtype | None = None
+    router: nn.Module, rank: int, alpha: float, where: str, dtype: torch.dtype | None = None, lori: bool = False
 ) -> RouterLoRA:
-    lora = RouterLoRA(router.weight, rank, alpha, where, dtype)
+    lora = RouterLoRA(router.weight, rank, alpha, where, dtype, lori)
     parametrize.register_parametrization(router, "weight", lora, unsafe=True)
     router.parametrizations.weight.original.requires_grad_(False)
     return lora

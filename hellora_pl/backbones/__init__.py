@@ -1,6 +1,6 @@
 """Backbones: loading, and one small description per MoE architecture."""
 
-from . import families  # noqa: F401  (registers the built-in architectures)
+from . import families, tiny_deepseek_moe  # noqa: F401  (register the built-in architectures and the tiny ModuleList model)
 from .architecture import MoEArchitecture, MoELayer
 from .loading import BackboneConfig, load_backbone
 from .registry import (

@@ -1,14 +1,17 @@
 """Per-architecture descriptions: where routers, experts and attention live, and how a model routes.
 
 Adding an architecture is one `MoEArchitecture(...)` passed to `register_architecture`.
-Everything else in hellora_pl (profiling, injection, merge, budgets) reads a model only
+Everything else in hellora_pl (profiling, injection, merge, export, budgets) reads a model only
 through this description.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
+import torch
 from torch import nn
 
 
@@ -20,6 +23,40 @@ class MoELayer:
     block: nn.Module
     router: nn.Module
     experts: nn.Module
+    shared: nn.Module | None = None
+
+
+# -- reading a router's decision -----------------------------------------------------------
+# A reader turns a router's forward output into (weights [T, k], indices [T, k]).
+
+
+def _read_topk_router(output, top_k: int, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers 5 routers return (logits [T, E], weights [T, k], indices [T, k])."""
+    _, weights, indices = output
+    return weights, indices
+
+
+def _read_gate_topk(output, top_k: int, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeekMoE's MoEGate returns (indices [T, k], weights [T, k], aux_loss)."""
+    indices, weights = output[0], output[1]
+    return weights, indices
+
+
+def _read_linear_logits(output, top_k: int, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """An nn.Linear gate returns logits only (Mixtral in transformers 4): softmax, top-k, renormalise."""
+    logits = output.reshape(-1, output.shape[-1])
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, indices = torch.topk(probs, top_k, dim=-1)
+    if getattr(config, "norm_topk_prob", True):
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
+ROUTING_READERS: dict[str, Callable] = {
+    "topk_router": _read_topk_router,
+    "gate_topk": _read_gate_topk,
+    "linear_logits": _read_linear_logits,
+}
 
 
 @dataclass(frozen=True)
@@ -27,8 +64,17 @@ class MoEArchitecture:
     """Where the parts of an MoE causal LM live, as dotted attribute paths.
 
     `layers` is relative to the causal-LM model; `attention`, `moe_block` are relative to a
-    decoder layer; `router` and `experts` are relative to the MoE block. A decoder layer whose
-    block has no router (a dense layer, as in DeepSeek's first layers) is not an MoE layer.
+    decoder layer; `router`, `experts` and `shared_experts` are relative to the MoE block. A
+    decoder layer whose block has no router (a dense layer, as in DeepSeek's first layers) is not
+    an MoE layer.
+
+    `expert_layout` is "fused" (transformers 5: `experts.<projection>` is one [E, out, in]
+    tensor per projection) or "module_list" (`experts[e].<projection>` is an nn.Linear, as in
+    DeepSeekMoE's remote code and transformers-4 checkpoints). `routing` names the reader in
+    ROUTING_READERS that turns the router's output into the chosen experts and their weights.
+    `attention_projections` lists candidates; those a model lacks (DeepSeek's q_proj vs
+    q_a_proj/q_b_proj) are skipped. `aux_loss_field` is the config field of the load-balancing
+    loss coefficient, or None when the model has no such loss.
     """
 
     name: str
@@ -37,18 +83,38 @@ class MoEArchitecture:
     attention: str = "self_attn"
     attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     moe_block: str = "mlp"
-    router: str = "router"
+    router: str = "gate"
     experts: str = "experts"
+    expert_layout: Literal["fused", "module_list"] = "fused"
+    expert_projections: tuple[str, ...] = ("gate_up_proj", "down_proj")
+    shared_experts: str | None = None
+    shared_expert_projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    routing: str = "topk_router"
     num_experts_field: str = "num_experts"
     top_k_field: str = "num_experts_per_tok"
-    expert_projections: tuple[str, ...] = ("gate_up_proj", "down_proj")
+    aux_loss_field: str | None = "router_aux_loss_coef"
     notes: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        if self.expert_layout not in ("fused", "module_list"):
+            raise ValueError(f"{self.name}: expert_layout must be 'fused' or 'module_list', got {self.expert_layout!r}.")
+        if self.routing not in ROUTING_READERS:
+            raise ValueError(f"{self.name}: unknown routing {self.routing!r}; choose one of {', '.join(ROUTING_READERS)}.")
+
+    @property
+    def fused(self) -> bool:
+        return self.expert_layout == "fused"
 
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         return list(_get(model, self.layers))
 
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return _get(layer, self.attention)
+
+    def attention_projections_of(self, model: nn.Module) -> list[str]:
+        """The candidate attention projections this model has (read from its first layer)."""
+        attention = self.attention_module(self.decoder_layers(model)[0])
+        return [name for name in self.attention_projections if isinstance(getattr(attention, name, None), nn.Linear)]
 
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
         found = []
@@ -57,8 +123,23 @@ class MoEArchitecture:
             router = _get(block, self.router, default=None) if block is not None else None
             if router is None:
                 continue
-            found.append(MoELayer(index, block, router, _get(block, self.experts)))
+            shared = _get(block, self.shared_experts, default=None) if self.shared_experts else None
+            found.append(MoELayer(index, block, router, _get(block, self.experts), shared))
         return found
+
+    def expert_shapes(self, experts: nn.Module) -> dict[str, tuple[int, int]]:
+        """(out, in) of each expert projection, the same for every expert of a layer."""
+        if self.fused:
+            return {name: tuple(getattr(experts, name).shape[1:]) for name in self.expert_projections}
+        return {name: tuple(getattr(experts[0], name).weight.shape) for name in self.expert_projections}
+
+    def expert_linear(self, experts: nn.Module, expert: int, name: str) -> nn.Module:
+        """Expert `expert`'s projection module (module_list layout only)."""
+        return getattr(experts[expert], name)
+
+    def read_routing(self, output, config) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k], indices [T, k]) from a router's forward output."""
+        return ROUTING_READERS[self.routing](output, self.top_k(config), config)
 
     def num_experts(self, config) -> int:
         return int(getattr(config, self.num_experts_field))

@@ -55,16 +55,18 @@ def _from_config(cfg: BackboneConfig, dtype: torch.dtype) -> PreTrainedModel:
             f"Unknown model_type {cfg.model_type!r}; hellora_pl supports {', '.join(supported_model_types())}."
         )
     config = AutoConfig.for_model(cfg.model_type, **cfg.config)
-    architecture_for(config)
+    arch = architecture_for(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(
-            config,
-            dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
-            experts_implementation=cfg.experts_implementation,
+            config, dtype=dtype, attn_implementation=cfg.attn_implementation, **_experts_kwargs(cfg, arch)
         )
     return model
+
+
+def _experts_kwargs(cfg: BackboneConfig, arch) -> dict:
+    """Only models with fused experts take an experts implementation (ModuleList experts loop in Python)."""
+    return {"experts_implementation": cfg.experts_implementation} if arch.fused else {}
 
 
 def _from_pretrained(cfg: BackboneConfig, dtype: torch.dtype) -> PreTrainedModel:
@@ -75,13 +77,13 @@ def _from_pretrained(cfg: BackboneConfig, dtype: torch.dtype) -> PreTrainedModel
     config = AutoConfig.from_pretrained(
         source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **cfg.config
     )
-    architecture_for(config)
+    arch = architecture_for(config)
     return AutoModelForCausalLM.from_pretrained(
         source,
         config=config,
         dtype=dtype,
         attn_implementation=cfg.attn_implementation,
-        experts_implementation=cfg.experts_implementation,
+        **_experts_kwargs(cfg, arch),
         trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision,
     )

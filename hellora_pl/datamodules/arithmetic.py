@@ -11,8 +11,8 @@ import lightning as L
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from hellora_pl.datamodules.sampler import EpochShuffleSampler
 from hellora_pl.datamodules.collate import CausalLMCollator, tokenize_prompt_response
+from hellora_pl.datamodules.sampler import EpochShuffleSampler
 from hellora_pl.datamodules.tokenizer import load_tokenizer
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer: "

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.experts import ExpertLoRA, expert_lora
+from ..adapters.experts import ExpertAdapter, ExpertDelta, expert_adapter
 
 _grouped_mm_op = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
@@ -35,7 +35,7 @@ class ExpertRouting:
     hot_offsets: torch.Tensor | None  # int32 [n_hot] cumulative hot rows per slot
 
     @classmethod
-    def build(cls, top_k_index: torch.Tensor, num_experts: int, lora: ExpertLoRA | None) -> ExpertRouting:
+    def build(cls, top_k_index: torch.Tensor, num_experts: int, lora: ExpertAdapter | None) -> ExpertRouting:
         top_k = top_k_index.shape[-1]
         sorted_experts, perm = torch.sort(top_k_index.reshape(-1), stable=True)
         counts = torch.bincount(sorted_experts, minlength=num_experts)
@@ -47,17 +47,24 @@ class ExpertRouting:
         return cls(perm, perm // top_k, offsets, hot_rows, hot_offsets)
 
 
-def lora_update(lora: ExpertLoRA, name: str, x: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-    """scale * (x A^T) B^T for the hot rows of x, in hot-row order."""
+def lora_update(lora: ExpertAdapter, name: str, x: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+    """The adapter's update for the hot rows of x, in hot-row order.
+
+    LoRA: scale * (x A^T) B_eff^T, B_eff carrying LoRI's mask and DR-LoRA's active ranks.
+    Full-rank delta (ESFT): x D^T.
+    """
+    if isinstance(lora, ExpertDelta):
+        delta = lora.lora_delta[name]
+        return grouped_mm(x[routing.hot_rows].to(delta.dtype), delta.transpose(-2, -1), routing.hot_offsets)
     x_hot = lora.dropout(x[routing.hot_rows]).to(lora.lora_A[name].dtype)
     shrunk = grouped_mm(x_hot, lora.lora_A[name].transpose(-2, -1), routing.hot_offsets)
-    return lora.scale * grouped_mm(shrunk, lora.lora_B[name].transpose(-2, -1), routing.hot_offsets)
+    return lora.scale * grouped_mm(shrunk, lora.effective_B(name).transpose(-2, -1), routing.hot_offsets)
 
 
 def _project(experts: nn.Module, name: str, x: torch.Tensor, routing: ExpertRouting, lora) -> torch.Tensor:
     weight = getattr(experts, name)
     out = grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), routing.offsets)
-    if lora is not None and name in lora.lora_A and routing.hot_rows.numel() > 0:
+    if lora is not None and name in lora.projections and routing.hot_rows.numel() > 0:
         out = out.index_add(0, routing.hot_rows, lora_update(lora, name, x, routing).to(out.dtype))
     return out
 
@@ -81,7 +88,7 @@ def adapted_experts_forward(
             f"{type(experts).__name__} stores biased or transposed expert weights, which the hellora "
             "expert path does not handle yet; use experts_implementation='grouped_mm' without expert adapters."
         )
-    lora = expert_lora(experts)
+    lora = expert_adapter(experts)
     num_tokens, top_k = top_k_index.shape
     routing = ExpertRouting.build(top_k_index, experts.gate_up_proj.shape[0], lora)
     x = hidden_states[routing.token_of_row]
