@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from .backbones import BackboneConfig, load_backbone
+from .backbones.aux_loss import set_load_balancing_loss
 
 
 class HelloraModule(LightningModule):
@@ -18,7 +19,9 @@ class HelloraModule(LightningModule):
 
     The backbone is built in `__init__`, so callbacks can profile and inject adapters in their
     `setup`; AdamW then optimizes whatever is trainable at that point. `warmup` is a number of
-    optimizer steps, or a fraction of all steps when below 1.
+    optimizer steps, or a fraction of all steps when below 1. `router_aux_loss_coef` adds the
+    model's load-balancing loss with that coefficient (None: the model config's own setting);
+    `train/aux_loss` logs it when the model reports it.
     """
 
     def __init__(
@@ -31,6 +34,7 @@ class HelloraModule(LightningModule):
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
+        router_aux_loss_coef: float | None = None,
     ):
         super().__init__()
         if learning_rate <= 0:
@@ -43,6 +47,8 @@ class HelloraModule(LightningModule):
         self.save_hyperparameters(ignore=["backbone"])
         self.hparams["backbone"] = asdict(backbone)
         self.model = load_backbone(backbone)
+        if router_aux_loss_coef is not None:
+            set_load_balancing_loss(self.model, router_aux_loss_coef)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._step_started: float | None = None
@@ -65,8 +71,11 @@ class HelloraModule(LightningModule):
         self._step_started = time.perf_counter()
 
     def training_step(self, batch, batch_idx):
-        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
+        outputs = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+        loss = outputs.loss
         self.log("train/loss", loss, prog_bar=True)
+        if getattr(outputs, "aux_loss", None) is not None:
+            self.log("train/aux_loss", outputs.aux_loss)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 

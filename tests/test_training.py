@@ -128,11 +128,12 @@ def test_existing_plan_is_not_overwritten(tmp_path):
 
 def test_lora_baseline_trains_more_parameters_than_hellora(tmp_path):
     counts = {}
-    for name, policy in [("hellora", None), ("lora", AllExperts())]:
-        injection = HotExpertInjectionCallback(hot_experts=policy, rank=4, alpha=8)
+    for name in ["hellora", "lora"]:
+        injection = HotExpertInjectionCallback(method=name, rank=4, alpha=8)
         make_trainer(tmp_path / name, 1, [injection]).fit(make_module(), datamodule=RandomTokens())
         counts[name] = injection.plan.trainable_params
         assert injection.plan.method == name
+        assert injection.plan.policy["name"] == {"hellora": "top_k", "lora": "all"}[name]
     assert counts["lora"] > counts["hellora"]
 
 

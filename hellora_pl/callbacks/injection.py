@@ -18,21 +18,24 @@ from ..adapters import (
     remove_adapters,
     save_adapter,
 )
-from ..routing import HotExpertPolicy, TopKPerLayer
+from ..adapters.methods import method_defaults
+from ..routing import HotExpertPolicy
 from .logging import log_scalars, log_text
 from .protocol import backbone_of
 from .routing_profiler import RoutingProfilerCallback
 
 
 class HotExpertInjectionCallback(Callback):
-    """Freezes the base and injects LoRA where the plan says, before the optimizer is built.
+    """Freezes the base and injects adapters where the plan says, before the optimizer is built.
 
-    Fit: the routing profile (from a RoutingProfilerCallback in the trainer, or one made here
-    with its defaults) and `hot_experts` choose each layer's hot experts; LoRA goes on the
-    attention projections, the router (when `router`), and the fused expert tensors of the hot
-    experts only. Adapter tensors are kept in `adapter_dtype` (float32 by default, whatever the
-    base's dtype). `adapter_path` starts from (or, for validate/test, evaluates) the adapters an
-    earlier run saved.
+    Fit: `method` (lora, hellora, attention_only, hellori, dr_lora, esft; see
+    hellora_pl/adapters/methods.py) sets the defaults; `hot_experts` (a policy),
+    `attention_modules`, `router`, `shared_experts` and `experts` override them. The routing
+    profile (from a RoutingProfilerCallback in the trainer, or one made here with its
+    defaults) and the policy choose each layer's adapted experts. hellori needs a
+    LoRIMaskCallback and dr_lora a DynamicRankCallback in the trainer. Adapter tensors are kept
+    in `adapter_dtype` (float32 by default, whatever the base's dtype). `adapter_path` starts
+    from (or, for validate/test, evaluates) the adapters an earlier run saved.
 
     Checkpoints carry the plan and the adapter tensors in this callback's state, and the model
     state dict holds only the other trainable tensors (`checkpoint_adapters_only`) or everything
@@ -46,22 +49,25 @@ class HotExpertInjectionCallback(Callback):
 
     def __init__(
         self,
+        method: str = "hellora",
         hot_experts: HotExpertPolicy | None = None,
         rank: int = 8,
         alpha: float = 16.0,
         dropout: float = 0.0,
         adapter_dtype: str = "float32",
         attention_modules: list[str] | None = None,
-        router: bool = True,
+        router: bool | None = None,
         router_rank: int | None = None,
-        experts: bool = True,
+        shared_experts: bool | None = None,
+        experts: bool | None = None,
         adapter_path: str | None = None,
         output_dir: str | None = None,
         overwrite: bool = False,
         checkpoint_adapters_only: bool = True,
         model_attribute: str = "model",
     ):
-        self.hot_experts = hot_experts if hot_experts is not None else TopKPerLayer()
+        self.method = method_defaults(method).name
+        self.hot_experts = hot_experts if hot_experts is not None else method_defaults(method).policy()
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
@@ -69,6 +75,7 @@ class HotExpertInjectionCallback(Callback):
         self.attention_modules = attention_modules
         self.router = router
         self.router_rank = router_rank
+        self.shared_experts = shared_experts
         self.experts = experts
         self.adapter_path = adapter_path
         self.output_dir = output_dir
@@ -97,14 +104,18 @@ class HotExpertInjectionCallback(Callback):
         self._announce()
 
     def _make_plan(self, trainer, pl_module, model) -> AdapterPlan:
-        profiler = self._profiler(trainer)
+        method = method_defaults(self.method)
+        experts = method.experts if self.experts is None else self.experts
+        profiler = _find(trainer, RoutingProfilerCallback)
         profile = None
-        if self.hot_experts.needs_profile or profiler is not None:
+        if (experts and self.hot_experts.needs_profile) or profiler is not None:
             if profiler is None:
                 rank_zero_info("[hellora] no RoutingProfilerCallback in the trainer: profiling with its defaults")
                 profiler = RoutingProfilerCallback(model_attribute=self.model_attribute)
             profile = profiler.ensure_profile(trainer, pl_module)
-        router_rank = (self.router_rank or self.rank) if self.router else None
+        router = method.router if self.router is None else self.router
+        shared = method.shared_experts if self.shared_experts is None else self.shared_experts
+        attention = self.attention_modules if self.attention_modules is not None else (None if method.attention else [])
         return build_plan(
             model,
             self.hot_experts,
@@ -113,15 +124,27 @@ class HotExpertInjectionCallback(Callback):
             alpha=self.alpha,
             dropout=self.dropout,
             dtype=self.adapter_dtype,
-            attention_modules=self.attention_modules,
-            router_rank=router_rank,
-            expert_modules=None if self.experts else [],
+            attention_modules=attention,
+            router_rank=(self.router_rank or self.rank) if router else None,
+            expert_modules=None if experts else [],
+            shared_expert_modules=None if shared else [],
+            method=self.method,
+            expert_adapter=method.expert_adapter,
+            lori=self._companion_entry(trainer, "LoRIMaskCallback", method.lori),
+            dynamic_rank=self._companion_entry(trainer, "DynamicRankCallback", method.dynamic_rank),
         )
 
-    @staticmethod
-    def _profiler(trainer: Trainer) -> RoutingProfilerCallback | None:
-        found = [cb for cb in trainer.callbacks if isinstance(cb, RoutingProfilerCallback)]
-        return found[0] if found else None
+    def _companion_entry(self, trainer: Trainer, name: str, needed: bool) -> dict | None:
+        """The plan entry of a method's companion callback (LoRI masks, dynamic ranks)."""
+        found = [cb for cb in trainer.callbacks if type(cb).__name__ == name]
+        if needed and not found:
+            raise ValueError(
+                f"Method {self.method!r} needs a {name} in the trainer's callbacks; add "
+                f"`- class_path: hellora_pl.{name}` to trainer.callbacks in the config."
+            )
+        if found and not needed:
+            raise ValueError(f"{name} is in the trainer's callbacks, but method {self.method!r} does not use it.")
+        return found[0].plan_entry(self.rank) if found else None
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
@@ -155,17 +178,21 @@ class HotExpertInjectionCallback(Callback):
             return Path(self.output_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "hellora"
 
+    @property
+    def model(self):
+        """The backbone the plan was injected into (for companion callbacks)."""
+        return self._model
+
     def _announce(self) -> None:
         plan = self.plan
         lines = [f"[hellora] method={plan.method} policy={plan.policy} rank={plan.rank} alpha={plan.alpha}"]
+        if plan.lori is not None:
+            lines.append(f"[hellora] LoRI: A frozen, B mask {plan.lori}")
         for layer in plan.layers:
             hot = layer.hot_experts if len(layer.hot_experts) < plan.num_experts else "all"
-            lines.append(f"[hellora]   layer {layer.layer}: adapted experts {hot}")
-        share = plan.trainable_params / max(plan.lora_all_experts_params, 1)
-        lines.append(
-            f"[hellora] trainable parameters: {plan.trainable_params:,} "
-            f"({100 * share:.1f}% of LoRA on all experts: {plan.lora_all_experts_params:,})"
-        )
+            ranks = f" ranks {layer.expert_ranks}" if layer.expert_ranks is not None else ""
+            lines.append(f"[hellora]   layer {layer.layer}: adapted experts {hot}{ranks}")
+        lines.append(f"[hellora] trainable parameters: {trainable_summary(plan)}")
         rank_zero_info("\n".join(lines))
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -212,3 +239,24 @@ class HotExpertInjectionCallback(Callback):
     def _save(self, trainer) -> None:
         if trainer.is_global_zero:
             save_adapter(self.directory(trainer), self._model, self.plan)
+
+
+def trainable_summary(plan: AdapterPlan) -> str:
+    share = plan.trainable_params / max(plan.lora_all_experts_params, 1)
+    return (
+        f"{plan.trainable_params:,} ({100 * share:.1f}% of LoRA on every expert at rank {plan.rank}: "
+        f"{plan.lora_all_experts_params:,})"
+    )
+
+
+def _find(trainer: Trainer, kind: type):
+    found = [cb for cb in trainer.callbacks if isinstance(cb, kind)]
+    return found[0] if found else None
+
+
+def injection_callback(trainer: Trainer) -> HotExpertInjectionCallback:
+    """The trainer's HotExpertInjectionCallback (companion callbacks read its plan and model)."""
+    found = _find(trainer, HotExpertInjectionCallback)
+    if found is None:
+        raise ValueError("This callback needs a HotExpertInjectionCallback in the trainer's callbacks.")
+    return found

@@ -17,15 +17,17 @@ _STOPS = torch.tensor(
 )
 
 
-def heatmap_image(values: torch.Tensor, cell: int | None = None) -> torch.Tensor:
-    """uint8 [3, rows * cell, cols * cell], each row scaled to its own max (bright = most used).
+def heatmap_image(values: torch.Tensor, cell: int | None = None, vmax: float | None = None) -> torch.Tensor:
+    """uint8 [3, rows * cell, cols * cell]; bright = large.
 
-    `cell` (pixels per entry) defaults to what makes the image about 1024 pixels wide.
+    Each row is scaled to its own max, or every value to `vmax` when given. `cell` (pixels per
+    entry) defaults to what makes the image about 1024 pixels wide.
     """
     values = values.double()
     if cell is None:
         cell = max(4, min(32, 1024 // values.shape[1]))
-    scaled = values / values.amax(dim=1, keepdim=True).clamp_min(1e-12)
+    top = values.amax(dim=1, keepdim=True) if vmax is None else torch.tensor(float(vmax), dtype=values.dtype)
+    scaled = values / top.clamp_min(1e-12)
     position = scaled.float().clamp(0, 1) * (len(_STOPS) - 1)
     low = position.floor().long().clamp(max=len(_STOPS) - 2)
     frac = (position - low).unsqueeze(-1)

@@ -1,7 +1,7 @@
 """Routing profiles: how often each expert of each MoE layer is selected, and its gate mass.
 
-`RoutingRecorder` hooks every router (transformers 5 routers return
-`(logits [T, E], weights [T, k], indices [T, k])`) and accumulates counts while armed.
+`RoutingRecorder` hooks every router and accumulates counts while armed; the architecture
+description says how to read the chosen experts and their weights from the router's output.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ class RoutingRecorder:
     """
 
     def __init__(self, model: nn.Module):
-        arch = architecture_for(model)
+        arch = self._arch = architecture_for(model)
+        self._config = model.config
         moe_layers = arch.moe_layers(model)
         self.layers = [layer.index for layer in moe_layers]
         self.top_k = arch.top_k(model.config)
@@ -98,7 +99,7 @@ class RoutingRecorder:
         def record(module, inputs, output):
             if not self.armed:
                 return
-            _, weights, indices = output
+            weights, indices = self._arch.read_routing(output, self._config)
             weights, indices = weights.detach(), indices.detach()
             mask = self._token_mask
             if mask is not None and mask.numel() == indices.shape[0]:

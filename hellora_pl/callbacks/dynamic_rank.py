@@ -1,0 +1,202 @@
+"""DynamicRankCallback: DR-LoRA's per-expert ranks, grown by saliency within a rank budget."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..adapters import ExpertLoRA, count_plan_params, layer_expert_adapter
+from ..adapters.dynamic_rank import expert_rank_importance, grow_ranks, saliency
+from ..backbones import architecture_for
+from ..routing import RoutingRecorder
+from ..routing.heatmap import heatmap_image
+from .injection import injection_callback
+from .logging import log_image, log_scalars, log_text
+
+
+class DynamicRankCallback(Callback):
+    """Grows the active rank of the most salient experts every `interval` optimizer steps.
+
+    With method "dr_lora", HotExpertInjectionCallback allocates every expert adapter at
+    `rank_max` (default 2 x the plan's rank) and activates `rank_init` (default half the plan's
+    rank) per expert; rank slices beyond an expert's active rank have no effect and get no
+    gradient. The budget is the total rank of a uniform-rank LoRA on the same experts (the
+    plan's rank x adapted experts), so DR-LoRA never trains more than LoRA would.
+
+    Saliency per expert (defaults in brackets): an EMA (`ema_decay` [0.9] per step) of its
+    routing share in its layer, and an EMA of its rank importance (sum of |theta * grad theta|
+    over its active slices, per active rank), each normalised to mean 1, combined as
+    `frequency_weight` [0.5] * f + (1 - w) * i ("sum") or f^w * i^(1-w) ("product"). At each
+    growth event the top `grow_fraction` [0.25] of experts below rank_max gain `rank_step` [2]
+    ranks each while budget remains. Ranks never shrink. The rank map is logged as a heatmap and
+    the plan (plan.json, checkpoints) records the current ranks.
+    """
+
+    def __init__(
+        self,
+        rank_init: int | None = None,
+        rank_max: int | None = None,
+        interval: int = 50,
+        grow_fraction: float = 0.25,
+        rank_step: int = 2,
+        ema_decay: float = 0.9,
+        frequency_weight: float = 0.5,
+        combination: str = "sum",
+        model_attribute: str = "model",
+    ):
+        if interval < 1 or rank_step < 1:
+            raise ValueError(f"interval and rank_step must be >= 1, got {interval} and {rank_step}.")
+        if not 0 < grow_fraction <= 1 or not 0 <= ema_decay < 1 or not 0 <= frequency_weight <= 1:
+            raise ValueError("grow_fraction must be in (0, 1], ema_decay in [0, 1), frequency_weight in [0, 1].")
+        if combination not in ("sum", "product"):
+            raise ValueError(f"Unknown combination {combination!r}; choose 'sum' or 'product'.")
+        self.rank_init = rank_init
+        self.rank_max = rank_max
+        self.interval = interval
+        self.grow_fraction = grow_fraction
+        self.rank_step = rank_step
+        self.ema_decay = ema_decay
+        self.frequency_weight = frequency_weight
+        self.combination = combination
+        self.model_attribute = model_attribute
+        self.frequency: dict[int, torch.Tensor] = {}  # per MoE layer: EMA of routing share per hot expert
+        self.importance: dict[int, torch.Tensor] = {}  # per MoE layer: EMA of rank importance per hot expert
+        self._recorder: RoutingRecorder | None = None
+        self._recording = False
+
+    def plan_entry(self, rank: int) -> dict:
+        rank_init = self.rank_init if self.rank_init is not None else max(1, rank // 2)
+        rank_max = self.rank_max if self.rank_max is not None else 2 * rank
+        if not 1 <= rank_init <= rank <= rank_max:
+            raise ValueError(
+                f"DR-LoRA needs 1 <= rank_init <= rank <= rank_max, got rank_init={rank_init}, rank={rank}, "
+                f"rank_max={rank_max}; the budget is `rank` per adapted expert."
+            )
+        return {
+            "rank_init": rank_init,
+            "rank_max": rank_max,
+            "interval": self.interval,
+            "grow_fraction": self.grow_fraction,
+            "rank_step": self.rank_step,
+            "frequency_weight": self.frequency_weight,
+            "combination": self.combination,
+        }
+
+    def _adapters(self, trainer: Trainer) -> dict[int, ExpertLoRA]:
+        model = injection_callback(trainer).model
+        found = {}
+        for moe in architecture_for(model).moe_layers(model):
+            adapter = layer_expert_adapter(moe)
+            if isinstance(adapter, ExpertLoRA) and adapter.lora_active_rank is not None:
+                found[moe.index] = adapter
+        return found
+
+    # -- statistics ------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        plan = injection_callback(trainer).plan
+        if plan is None or plan.dynamic_rank is None:
+            raise ValueError("DynamicRankCallback needs HotExpertInjectionCallback(method='dr_lora').")
+        self._recorder = RoutingRecorder(injection_callback(trainer).model)
+        self._log_ranks(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._recorder is not None:
+            self._recorder.set_token_mask(batch.get("attention_mask") if isinstance(batch, dict) else None)
+            self._recorder.armed = True
+            self._recording = True
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self._recorder is not None:
+            self._recorder.armed = False  # activation checkpointing re-runs routers in backward
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        decay = self.ema_decay
+        for layer, adapter in self._adapters(trainer).items():
+            value = expert_rank_importance(adapter).cpu()
+            previous = self.importance.get(layer)
+            self.importance[layer] = value if previous is None else decay * previous + (1 - decay) * value
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._recording:
+            return
+        self._recording = False
+        profile = self._recorder.profile()
+        self._recorder.reset()
+        adapters = self._adapters(trainer)
+        for row, layer in enumerate(profile.layers):
+            if layer not in adapters or profile.tokens == 0:
+                continue
+            counts = profile.counts[row].double()
+            share = counts[adapters[layer].hot_experts.cpu()] / counts.sum().clamp_min(1) * profile.num_experts
+            previous = self.frequency.get(layer)
+            self.frequency[layer] = share if previous is None else self.ema_decay * previous + (1 - self.ema_decay) * share
+        if trainer.global_step > 0 and trainer.global_step % self.interval == 0:
+            self.grow(trainer)
+
+    # -- growth ----------------------------------------------------------------------------
+    def grow(self, trainer: Trainer) -> None:
+        injection = injection_callback(trainer)
+        plan = injection.plan
+        adapters = self._adapters(trainer)
+        layers = [layer for layer in adapters if layer in self.frequency and layer in self.importance]
+        if not layers:
+            return
+        ranks = torch.cat([adapters[layer].lora_active_rank.cpu() for layer in layers])
+        scores = saliency(
+            torch.cat([self.frequency[layer].float() for layer in layers]),
+            torch.cat([self.importance[layer].float() for layer in layers]),
+            self.frequency_weight,
+            self.combination,
+        )
+        grown = grow_ranks(
+            ranks, scores, plan.dynamic_rank["rank_max"], plan.dynamic_rank["budget"], self.grow_fraction, self.rank_step
+        )
+        if torch.equal(grown, ranks):
+            return
+        start = 0
+        by_layer = {entry.layer: entry for entry in plan.layers}
+        for layer in layers:
+            adapter = adapters[layer]
+            new = grown[start : start + adapter.num_hot]
+            start += adapter.num_hot
+            adapter.lora_active_rank.copy_(new.to(adapter.lora_active_rank.device))
+            by_layer[layer].expert_ranks = new.tolist()
+        plan.trainable_params = count_plan_params(injection.model, plan)
+        rank_zero_info(
+            f"[hellora] DR-LoRA step {trainer.global_step}: total active rank {int(grown.sum())} of "
+            f"{plan.dynamic_rank['budget']} ({plan.trainable_params:,} trainable parameters)"
+        )
+        self._log_ranks(trainer)
+
+    def _log_ranks(self, trainer: Trainer) -> None:
+        plan = injection_callback(trainer).plan
+        rank_map = torch.zeros(len(plan.layers), plan.num_experts)
+        for row, entry in enumerate(plan.layers):
+            if entry.expert_ranks:
+                rank_map[row, entry.hot_experts] = torch.tensor(entry.expert_ranks, dtype=torch.float32)
+        step = trainer.global_step
+        log_scalars(
+            trainer,
+            {"dr_lora/total_active_rank": float(rank_map.sum()), "dr_lora/budget": plan.dynamic_rank["budget"]},
+            step,
+        )
+        log_image(trainer, "dr_lora/rank_map", heatmap_image(rank_map, vmax=plan.dynamic_rank["rank_max"]), step)
+        text = "\n".join(f"    layer {e.layer}: {dict(zip(e.hot_experts, e.expert_ranks or []))}" for e in plan.layers)
+        log_text(trainer, "dr_lora/ranks", text, step)
+
+    # -- state -----------------------------------------------------------------------------
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+
+    def state_dict(self) -> dict:
+        return {
+            "frequency": {k: v.tolist() for k, v in self.frequency.items()},
+            "importance": {k: v.tolist() for k, v in self.importance.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.frequency = {int(k): torch.tensor(v, dtype=torch.float64) for k, v in state_dict.get("frequency", {}).items()}
+        self.importance = {int(k): torch.tensor(v) for k, v in state_dict.get("importance", {}).items()}
