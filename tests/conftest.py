@@ -1,13 +1,17 @@
 import os
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from hellora_pl.backbones import BackboneConfig, load_backbone  # noqa: E402
+from hellora_pl.datamodules import EpochShuffleSampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,3 +48,39 @@ def token_batch():
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 9:] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class RandomTokens(pl.LightningDataModule):
+    """Fixed random token batches, shuffled per epoch by (seed, epoch)."""
+
+    def __init__(self, num_batches=4, batch_size=2, length=10):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.examples = []
+        for _ in range(num_batches * batch_size):
+            ids = torch.randint(3, TINY_OLMOE["vocab_size"], (length,), generator=generator)
+            labels = ids.clone()
+            labels[:4] = -100  # prompt
+            self.examples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.examples, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(self.examples)))
+
+    def val_dataloader(self):
+        return DataLoader(self.examples[:4], batch_size=self.batch_size)
+
+
+def make_trainer(root, max_steps, callbacks, version=0, **kwargs):
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=TensorBoardLogger(root, name="run", version=version),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        deterministic=True,
+        **kwargs,
+    )

@@ -27,16 +27,18 @@ def naive_experts_forward(experts, hidden, top_k_index, top_k_weights):
     return out
 
 
-def experts_with_lora(hot, num_tokens=23, top_k=2, seed=0, **config):
+def experts_with_lora(hot, num_tokens=23, top_k=2, seed=0, rank=4, active_ranks=None, lori=False, **config):
     torch.manual_seed(seed)
     model = tiny_olmoe(**config)
     experts = model.model.layers[0].mlp.experts
     experts.requires_grad_(False)
     shapes = {name: tuple(getattr(experts, name).shape[1:]) for name in ("gate_up_proj", "down_proj")}
-    lora = ExpertLoRA(shapes, experts.gate_up_proj.shape[0], hot, rank=4, scale=2.0)
+    lora = ExpertLoRA(shapes, experts.gate_up_proj.shape[0], hot, rank, 2.0, active_ranks=active_ranks, lori=lori)
     with torch.no_grad():
         for name in lora.projections:
             lora.lora_B[name].normal_(0, 0.5)
+            if lori:
+                lora.lora_B_mask[name].copy_(torch.rand(lora.lora_B[name].shape) < 0.3)
     setattr(experts, EXPERT_ADAPTER_ATTR, lora)
     num_experts = experts.gate_up_proj.shape[0]
     hidden = torch.randn(num_tokens, experts.gate_up_proj.shape[2])
@@ -62,6 +64,37 @@ def test_forward_and_grads_match_naive_loop(hot, top_k):
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
     for got, want in zip(ours_grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def position(tensors, wanted):
+    return next(i for i, t in enumerate(tensors) if t is wanted)
+
+
+@pytest.mark.parametrize(
+    "rank,active_ranks,lori",
+    [(3, None, False), (6, None, False), (6, [1, 6, 3], False), (5, None, True)],
+    ids=["odd-rank", "unaligned-rank", "dr-lora-active-ranks", "lori-mask"],
+)
+def test_ranks_and_masks_match_naive_loop(rank, active_ranks, lori):
+    experts, lora, hidden, index, weights = experts_with_lora([1, 2, 7], top_k=2, rank=rank, active_ranks=active_ranks, lori=lori)
+    hidden.requires_grad_(True)
+    trainable = [p for p in lora.parameters() if p.requires_grad]
+    assert len(trainable) == (2 if lori else 4)  # LoRI: A frozen
+    ours = adapted_experts_forward(experts, hidden, index, weights)
+    grad_out = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, [hidden, *trainable], grad_out)
+    reference = naive_experts_forward(experts, hidden, index, weights)
+    ref_grads = torch.autograd.grad(reference, [hidden, *trainable], grad_out)
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+    for got, want in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    if active_ranks is not None:  # slices beyond an expert's active rank get no gradient
+        grad_b = ours_grads[1 + position(trainable, lora.lora_B["down_proj"])]
+        for slot, active in enumerate(active_ranks):
+            assert torch.count_nonzero(grad_b[slot, :, active:]) == 0
+    if lori:
+        grad_b = ours_grads[1 + position(trainable, lora.lora_B["gate_up_proj"])]
+        assert torch.count_nonzero(grad_b[~lora.lora_B_mask["gate_up_proj"]]) == 0
 
 
 def test_cold_tokens_equal_base_and_hot_tokens_change():

@@ -6,35 +6,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader
 
-from conftest import TINY_OLMOE
+from conftest import TINY_OLMOE, RandomTokens, make_trainer
 from hellora_pl import BackboneConfig, HelloraModule, HotExpertInjectionCallback, RoutingProfilerCallback
 from hellora_pl.adapters import AdapterPlan, adapter_state_dict, injected_hot_experts
-from hellora_pl.datamodules import EpochShuffleSampler
 from hellora_pl.routing import AllExperts, FractionPerLayer
-
-
-class RandomTokens(pl.LightningDataModule):
-    """Fixed random token batches, shuffled per epoch by (seed, epoch)."""
-
-    def __init__(self, num_batches=4, batch_size=2, length=10):
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.examples = []
-        for _ in range(num_batches * batch_size):
-            ids = torch.randint(3, TINY_OLMOE["vocab_size"], (length,), generator=generator)
-            labels = ids.clone()
-            labels[:4] = -100  # prompt
-            self.examples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-        self.batch_size = batch_size
-
-    def train_dataloader(self):
-        return DataLoader(self.examples, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(self.examples)))
-
-    def val_dataloader(self):
-        return DataLoader(self.examples[:4], batch_size=self.batch_size)
 
 
 class LossRecorder(pl.Callback):
@@ -47,21 +23,6 @@ class LossRecorder(pl.Callback):
 
 def make_module():
     return HelloraModule(BackboneConfig(model_type="olmoe", config=TINY_OLMOE), learning_rate=1e-2, warmup=1)
-
-
-def make_trainer(root, max_steps, callbacks, version=0, **kwargs):
-    return pl.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=TensorBoardLogger(root, name="run", version=version),
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
-        deterministic=True,
-        **kwargs,
-    )
 
 
 def test_only_plan_tensors_train_and_files_are_written(tmp_path):

@@ -1,6 +1,7 @@
 """Adapters: LoRA for linears, routers and a subset of fused experts; plans; merge; save/load."""
 
 from .experts import ExpertAdapter, ExpertDelta, ExpertLoRA, expert_adapter, layer_expert_adapter
+from .export import export_merged, export_peft
 from .inject import (
     adapter_modules,
     adapter_state_dict,
@@ -34,6 +35,8 @@ __all__ = [
     "count_plan_params",
     "count_lora_baseline_params",
     "expert_adapter",
+    "export_merged",
+    "export_peft",
     "layer_expert_adapter",
     "inject_adapters",
     "injected_hot_experts",

@@ -25,7 +25,11 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 def lori_B_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every masked adapter's B by name (those with a `lora_B_mask` beside them)."""
     tensors = adapter_state_dict(model)
-    return {name: t for name, t in tensors.items() if _mask_name(name) in tensors and "lora_B_mask" not in name}
+    return {
+        name: t
+        for name, t in tensors.items()
+        if ".lora_B" in name and "lora_B_mask" not in name and _mask_name(name) in tensors
+    }
 
 
 def _mask_name(b_name: str) -> str:

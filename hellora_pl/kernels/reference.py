@@ -56,9 +56,19 @@ def lora_update(lora: ExpertAdapter, name: str, x: torch.Tensor, routing: Expert
     if isinstance(lora, ExpertDelta):
         delta = lora.lora_delta[name]
         return grouped_mm(x[routing.hot_rows].to(delta.dtype), delta.transpose(-2, -1), routing.hot_offsets)
-    x_hot = lora.dropout(x[routing.hot_rows]).to(lora.lora_A[name].dtype)
-    shrunk = grouped_mm(x_hot, lora.lora_A[name].transpose(-2, -1), routing.hot_offsets)
-    return lora.scale * grouped_mm(shrunk, lora.effective_B(name).transpose(-2, -1), routing.hot_offsets)
+    a, b = lora.lora_A[name], lora.effective_B(name)
+    pad = _rank_padding(a.shape[1], a.element_size())
+    if pad:  # grouped_mm needs 16-byte row strides: zero rank slices change nothing
+        a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
+    x_hot = lora.dropout(x[routing.hot_rows]).to(a.dtype)
+    shrunk = grouped_mm(x_hot, a.transpose(-2, -1), routing.hot_offsets)
+    return lora.scale * grouped_mm(shrunk, b.transpose(-2, -1), routing.hot_offsets)
+
+
+def _rank_padding(rank: int, element_size: int) -> int:
+    """Zero rank slices to add so a [rows, rank] intermediate has a 16-byte row stride."""
+    multiple = max(1, 16 // element_size)
+    return -rank % multiple
 
 
 def _project(experts: nn.Module, name: str, x: torch.Tensor, routing: ExpertRouting, lora) -> torch.Tensor:

@@ -1,0 +1,244 @@
+"""Export an adapted model for use without hellora_pl: as a PEFT LoRA adapter, or merged.
+
+`export_peft` writes `adapter_config.json` + `adapter_model.safetensors` that PEFT (0.21) loads on
+the same base model with `PeftModel.from_pretrained(base, directory)` and that computes the same
+function as the injected model. PEFT's layout, checked numerically in tests/test_export.py:
+
+- nn.Linear targets (attention, shared experts, the experts of an nn.ModuleList layout) go through
+  `target_modules`, by full module name: `<module>.lora_A.weight` [r, in], `<module>.lora_B.weight`
+  [out, r].
+- Fused experts ([E, out, in] tensors) go through `target_parameters`
+  (`<experts>.gate_up_proj`, `<experts>.down_proj`). PEFT always adapts all E experts:
+  `lora_A.weight` is [r*E, in] and views as (E, r, in), expert slowest; `lora_B.weight` is
+  [out, r*E] and views as (out, r, E), expert fastest. Several targets on one experts module nest
+  in the order the module registers its parameters (not the order listed): the first registered
+  (`gate_up_proj`) is the innermost, so its keys are `<experts>.base_layer.lora_*.weight` and the
+  last one's are `<experts>.lora_*.weight`.
+- The router's bare `weight` [E, H] goes through `target_parameters` too (`<router>.weight`):
+  PEFT treats a 2D parameter as one "expert", `lora_A.weight` [r, H], `lora_B.weight` [E, r], and
+  adds scale * B @ A to the weight for the router's forward, which is what `RouterLoRA` does.
+
+One rank R (the largest rank in use) serves every target: smaller ranks are padded with zero rows of
+A and zero columns of B, cold experts get zero A and B, and B is exported as our scale * B_eff
+(LoRI mask and DR-LoRA active ranks applied), so PEFT's scaling is lora_alpha / r = 1.
+
+Limits: the file reproduces the adapted model's function, not its training state. Cold experts and
+DR-LoRA's inactive rank slices are zero in both A and B, so training on in PEFT gives them no
+gradient; LoRI's mask and frozen A are not carried over; dropout is not exported (PEFT's parameter
+targets refuse it). PEFT runs fused experts by building W + BA for every expert on each forward,
+which is much slower than hellora_pl's adapted expert path (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..backbones import architecture_for
+from .experts import ExpertLoRA, expert_adapter, layer_expert_adapter
+from .inject import injected_hot_experts, is_injected
+from .linear import LoRALinear
+from .merge import merge_adapters
+from .plan import AdapterPlan
+from .router import router_lora
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> the transformers model
+
+
+def _check_directory(directory: str | Path, overwrite: bool) -> Path:
+    """Refuse a non-empty directory unless `overwrite`; nothing is created yet."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"Export target {str(directory)!r} exists and is not a directory.")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"Export directory {str(directory)!r} is not empty; give an empty or new directory, or pass "
+            "overwrite=True to write into it (files of the same names are replaced, others are kept)."
+        )
+    return directory
+
+
+def _pad_lora(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [r, in], B [out, r] -> A [R, in], B [out, R]: zero rows / columns beyond r, or slices beyond R
+    dropped (only where B is zero there: DR-LoRA's inactive ranks)."""
+    keep = _kept_rank(b, rank)
+    padded_a = a.new_zeros(rank, a.shape[-1])
+    padded_b = b.new_zeros(b.shape[-2], rank)
+    padded_a[:keep] = a[:keep]
+    padded_b[:, :keep] = b[:, :keep]
+    return padded_a, padded_b
+
+
+def _kept_rank(b: torch.Tensor, rank: int) -> int:
+    """How many rank slices of B [..., out, r] fit in R; those cut off must be inactive (zero)."""
+    keep = min(rank, b.shape[-1])
+    if bool(b[..., keep:].any()):
+        raise RuntimeError(f"Export rank {rank} would cut off active rank slices of an adapter; this is a bug.")
+    return keep
+
+
+def _fused_lora(adapter: ExpertLoRA, name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's tensors for one fused projection: A [R*E, in] (E, R, in) and B [out, R*E] (out, R, E)."""
+    a = adapter.lora_A[name].detach()  # [n_hot, r_alloc, in]
+    b = (adapter.scale * adapter.effective_B(name)).detach()  # [n_hot, out, r_alloc], zero beyond active ranks
+    keep = _kept_rank(b, rank)  # slices beyond R are inactive in every expert (B_eff is zero there)
+    experts, out_features, in_features = adapter.num_experts, b.shape[1], a.shape[2]
+    hot = adapter.hot_experts.to(a.device)
+    peft_a = a.new_zeros(experts, rank, in_features)
+    peft_b = b.new_zeros(out_features, rank, experts)
+    peft_a[hot, :keep] = a[:, :keep]
+    peft_b[:, :keep, hot] = b[:, :, :keep].permute(1, 2, 0)
+    return peft_a.reshape(experts * rank, in_features), peft_b.reshape(out_features, rank * experts)
+
+
+def _expert_rank_in_use(adapter: ExpertLoRA) -> int:
+    if adapter.lora_active_rank is None:
+        return adapter.rank
+    return int(adapter.lora_active_rank.max())
+
+
+def export_peft(
+    model: nn.Module,
+    plan: AdapterPlan,
+    directory: str | Path,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the injected adapters of `model` as a PEFT LoRA adapter in `directory` and return it.
+
+    Load it with `PeftModel.from_pretrained(base, directory)` on the same base model (the one
+    `plan` was injected into, without hellora adapters). The model is not modified or copied.
+    ESFT plans (full-rank expert deltas) are not LoRA: use `export_merged` for them. Dropout is
+    not exported (PEFT's parameter targets do not support it; the adapter is for inference).
+    `base_model_name_or_path` defaults to the model's `name_or_path`.
+    """
+    arch = architecture_for(model)
+    if plan.expert_adapter == "full":
+        raise ValueError(
+            f"The {plan.method!r} plan holds full-rank expert deltas, which are not LoRA and cannot be "
+            "exported as a PEFT LoRA adapter; use export_merged(model, directory) to save a merged checkpoint."
+        )
+    if arch.name != plan.architecture:
+        raise ValueError(f"The plan was made for {plan.architecture!r} but the model is {arch.name!r}.")
+    if not is_injected(model):
+        raise ValueError("The model holds no hellora adapters; inject the plan (and load its weights) before export.")
+    injected = {layer: experts for layer, experts in injected_hot_experts(model).items() if experts}
+    planned = {layer: experts for layer, experts in plan.hot_experts().items() if experts and plan.expert_modules}
+    if injected != planned:
+        raise ValueError(
+            f"The model's expert adapters {injected} do not match the plan's hot experts {planned}; "
+            "export with the plan that was injected into this model."
+        )
+    directory = _check_directory(directory, overwrite)
+
+    names = {id(module): name for name, module in model.named_modules()}
+    linears: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module name -> (A [r, in], scaled B [out, r])
+    routers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # router module name -> (A, scaled B)
+    fused: list[tuple[str, ExpertLoRA]] = []  # (experts module name, adapter)
+    ranks: list[int] = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, LoRALinear):
+                linears[name] = (module.lora_A.detach(), (module.scale * module.effective_B()).detach())
+                ranks.append(module.rank)
+        for moe in arch.moe_layers(model):
+            lora = router_lora(moe.router)
+            if lora is not None:
+                routers[names[id(moe.router)]] = (lora.lora_A.detach(), (lora.scale * lora.effective_B()).detach())
+                ranks.append(lora.rank)
+            adapter = layer_expert_adapter(moe)
+            if adapter is None:
+                continue
+            if not isinstance(adapter, ExpertLoRA):
+                raise ValueError(
+                    f"Layer {moe.index} holds full-rank expert deltas (ESFT), which cannot be exported as LoRA; "
+                    "use export_merged(model, directory)."
+                )
+            ranks.append(_expert_rank_in_use(adapter))
+            experts_name = names[id(moe.experts)]
+            if expert_adapter(moe.experts) is not None:  # fused: [E, out, in] parameters
+                if getattr(moe.experts, "is_transposed", False):
+                    raise NotImplementedError(
+                        f"{experts_name} stores experts as [E, in, out] (is_transposed); export supports [E, out, in]."
+                    )
+                fused.append((experts_name, adapter))
+            else:  # nn.ModuleList: each hot expert's nn.Linear, by full name
+                for slot, expert in enumerate(adapter.hot_experts.tolist()):
+                    for proj in adapter.projections:
+                        b = (adapter.scale * adapter.effective_B(proj)[slot]).detach()
+                        linears[f"{experts_name}.{expert}.{proj}"] = (adapter.lora_A[proj][slot].detach(), b)
+
+        rank = max(ranks)
+        tensors: dict[str, torch.Tensor] = {}
+        target_parameters: list[str] = []
+
+        def put(module_path: str, a: torch.Tensor, b: torch.Tensor) -> None:
+            tensors[f"{_PEFT_PREFIX}{module_path}.lora_A.weight"] = a.to("cpu").contiguous()
+            tensors[f"{_PEFT_PREFIX}{module_path}.lora_B.weight"] = b.to("cpu").contiguous()
+
+        for module_name, (a, b) in linears.items():
+            put(module_name, *_pad_lora(a, b, rank))
+        for router_name, (a, b) in routers.items():
+            put(router_name, *_pad_lora(a, b, rank))
+            target_parameters.append(f"{router_name}.weight")
+        for experts_name, adapter in fused:
+            # PEFT wraps the targeted parameters in the order the module registers them, each wrapper
+            # around the previous one: the first registered is the innermost base_layer.
+            registered = [p for p, _ in model.get_submodule(experts_name).named_parameters(recurse=False)]
+            order = [p for p in registered if p in adapter.projections]
+            missing = sorted(set(adapter.projections) - set(order))
+            if missing:
+                raise ValueError(f"{experts_name} has no parameters {missing} to export.")
+            for depth, proj in enumerate(order):
+                put(experts_name + ".base_layer" * (len(order) - 1 - depth), *_fused_lora(adapter, proj, rank))
+                target_parameters.append(f"{experts_name}.{proj}")
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(
+        tensors,
+        str(directory / PEFT_WEIGHTS_FILE),
+        metadata={"format": "pt", "exported_by": "hellora_pl", "method": plan.method},
+    )
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": rank,  # scaling 1: our scales are folded into B
+        "use_rslora": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "target_modules": sorted(linears),
+        "target_parameters": sorted(target_parameters),
+        "modules_to_save": None,
+    }
+    (directory / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def export_merged(
+    model: nn.Module, directory: str | Path, overwrite: bool = False, experts_implementation: str = "grouped_mm"
+) -> Path:
+    """Merge every hellora adapter into `model` and `save_pretrained` it to `directory`; return it.
+
+    This modifies `model` in place: afterwards it is the merged base model, with no adapters (the
+    experts implementation is reset to `experts_implementation`). The checkpoint has the original
+    parameter names and loads with `AutoModelForCausalLM.from_pretrained` without hellora_pl (a
+    model class that is not in transformers, such as tiny_deepseek_moe, needs its registration).
+    Works for every method, ESFT's full-rank expert deltas included.
+    """
+    directory = _check_directory(directory, overwrite)
+    merge_adapters(model, experts_implementation=experts_implementation)
+    model.save_pretrained(directory)
+    return directory
