@@ -1,0 +1,43 @@
+"""The config files: generated twins are up to date, and every tiny twin fits on CPU."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from hellora_pl.adapters import injected_hot_experts
+from hellora_pl.callbacks.injection import injection_callback
+from hellora_pl.cli import HelloraCLI
+from hellora_pl.module import HelloraModule
+
+TINY = sorted((REPO / "configs" / "tiny").glob("*/*.yaml"))
+
+
+def test_generated_configs_are_up_to_date():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "configs" / "generate.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(TINY) == 42  # 7 backbone families x 6 methods
+
+
+@pytest.mark.parametrize("path", TINY, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_tiny_twin_fits(tmp_path, path):
+    cli = HelloraCLI(
+        HelloraModule,
+        subclass_mode_data=True,
+        run=False,
+        args=[
+            "--config", str(path),
+            "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--data.init_args.num_train=48", "--data.init_args.num_val=8",
+        ],
+    )  # fmt: skip
+    cli.trainer.fit(cli.model, cli.datamodule)
+    plan = injection_callback(cli.trainer).plan
+    assert plan.method == path.stem.removesuffix("_math")
+    assert injected_hot_experts(cli.model.model) == plan.hot_experts()
+    assert (tmp_path / "hellora" / "version_0" / "hellora" / "plan.json").is_file()
+    assert cli.trainer.global_step == 3
