@@ -54,7 +54,10 @@ class HelloraModule(LightningModule):
         self._step_started: float | None = None
 
     def forward(self, input_ids, attention_mask=None, labels=None):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+        extra = {}
+        if not self.training and getattr(self.model.config, "output_router_logits", False):
+            extra["output_router_logits"] = False  # val/test losses are the LM loss alone, whatever the aux coefficient
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False, **extra)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

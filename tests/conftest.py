@@ -64,8 +64,11 @@ class RandomTokens(pl.LightningDataModule):
             self.examples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
         self.batch_size = batch_size
 
+    def _current_epoch(self):
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
     def train_dataloader(self):
-        return DataLoader(self.examples, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(self.examples)))
+        return DataLoader(self.examples, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(self.examples), epoch_fn=self._current_epoch))
 
     def val_dataloader(self):
         return DataLoader(self.examples[:4], batch_size=self.batch_size)

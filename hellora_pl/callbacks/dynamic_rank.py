@@ -24,9 +24,10 @@ class DynamicRankCallback(Callback):
     gradient. The budget is the total rank of a uniform-rank LoRA on the same experts (the
     plan's rank x adapted experts), so DR-LoRA never trains more than LoRA would.
 
-    Saliency per expert (defaults in brackets): an EMA (`ema_decay` [0.9] per step) of its
-    routing share in its layer, and an EMA of its rank importance (sum of |theta * grad theta|
-    over its active slices, per active rank), each normalised to mean 1, combined as
+    Saliency per expert (defaults in brackets): an EMA (`ema_decay` [0.9] per optimizer step; under
+    gradient accumulation, over all micro-batches of the step) of its routing share in its layer,
+    and an EMA of its rank importance (sum of |theta * grad theta| over its active slices, per
+    active rank), each normalised to mean 1, combined as
     `frequency_weight` [0.5] * f + (1 - w) * i ("sum") or f^w * i^(1-w) ("product"). At each
     growth event the top `grow_fraction` [0.25] of experts below rank_max gain `rank_step` [2]
     ranks each while budget remains. Ranks never shrink. The rank map is logged as a heatmap and
@@ -64,6 +65,7 @@ class DynamicRankCallback(Callback):
         self.importance: dict[int, torch.Tensor] = {}  # per MoE layer: EMA of rank importance per hot expert
         self._recorder: RoutingRecorder | None = None
         self._recording = False
+        self._stepped_at: int | None = None  # global step at the last update (accumulation: one per step)
 
     def plan_entry(self, rank: int) -> dict:
         rank_init = self.rank_init if self.rank_init is not None else max(1, rank // 2)
@@ -100,6 +102,9 @@ class DynamicRankCallback(Callback):
         self._recorder = RoutingRecorder(injection_callback(trainer).model)
         self._log_ranks(trainer)
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stepped_at = trainer.global_step  # restored by now when resuming
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._recorder is not None:
             self._recorder.set_token_mask(batch.get("attention_mask") if isinstance(batch, dict) else None)
@@ -121,6 +126,9 @@ class DynamicRankCallback(Callback):
         if not self._recording:
             return
         self._recording = False
+        if trainer.global_step == self._stepped_at:
+            return  # no optimizer step yet (gradient accumulation): keep counting this step's routing
+        self._stepped_at = trainer.global_step
         profile = self._recorder.profile()
         self._recorder.reset()
         adapters = self._adapters(trainer)

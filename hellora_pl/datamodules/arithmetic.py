@@ -175,11 +175,14 @@ class ArithmeticDataModule(L.LightningDataModule):
         return DataLoader(
             examples,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(examples), self.seed) if shuffle else None,
+            sampler=EpochShuffleSampler(len(examples), self.seed, self._current_epoch) if shuffle else None,
             collate_fn=CausalLMCollator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._train_examples, shuffle=True)

@@ -1,28 +1,33 @@
 """A shuffling sampler whose order depends only on (seed, epoch).
 
-Lightning calls `set_epoch` on a sampler that has it at the start of every epoch, so a run
-resumed from an end-of-epoch checkpoint sees exactly the batches an uninterrupted run would.
-A stateful generator (DataLoader(shuffle=True, generator=...)) would restart its stream instead.
+Lightning calls `set_epoch` on a sampler that has it at the start of every epoch. That number
+is one too high after resuming from a checkpoint written at an epoch's end (Lightning 2.6 counts
+the replayed epoch end again), so a datamodule should pass `epoch_fn` returning the trainer's
+`current_epoch`; then a resumed run sees exactly the batches an uninterrupted run would. A
+stateful generator (DataLoader(shuffle=True, generator=...)) would restart its stream instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Sampler
 
 
 class EpochShuffleSampler(Sampler[int]):
-    def __init__(self, length: int, seed: int = 0):
+    def __init__(self, length: int, seed: int = 0, epoch_fn: Callable[[], int] | None = None):
         self.length = length
         self.seed = seed
         self.epoch = 0
+        self.epoch_fn = epoch_fn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
+        if self.epoch_fn is not None:
+            self.epoch = self.epoch_fn()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.length, generator=generator).tolist())
 
