@@ -11,25 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from hellora_pl.backbones import BackboneConfig, load_backbone  # noqa: E402
+from hellora_pl.backbones.tiny import TINY_CONFIGS  # noqa: E402
 from hellora_pl.datamodules import EpochShuffleSampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_OLMOE = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=24,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    num_experts=8,
-    num_experts_per_tok=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    initializer_range=0.2,
-)
+TINY_OLMOE = TINY_CONFIGS["olmoe"][1]
 
 
 def tiny_olmoe(seed: int = 0, **overrides):

@@ -20,24 +20,11 @@ from hellora_pl.adapters import (
 from hellora_pl.adapters.export import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_merged, export_peft
 from hellora_pl.adapters.router import router_lora
 from hellora_pl.backbones import BackboneConfig, architecture_for, load_backbone
+from hellora_pl.backbones.tiny import tiny_backbone_config
 from hellora_pl.routing import AllExperts, CoveragePerLayer, RoutingRecorder, TopKPerLayer
 
 peft = pytest.importorskip("peft")
 
-TINY_MIXTRAL = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=24,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    max_position_embeddings=64,
-    bos_token_id=1,
-    eos_token_id=2,
-    initializer_range=0.2,
-)
 TINY_DEEPSEEK_MOE = dict(vocab_size=64, n_routed_experts=8, n_shared_experts=1, initializer_range=0.2)
 
 
@@ -45,7 +32,7 @@ def make_model(family: str):
     if family == "olmoe":
         return tiny_olmoe()
     if family == "mixtral":
-        return load_backbone(BackboneConfig(model_type="mixtral", config=TINY_MIXTRAL))
+        return load_backbone(tiny_backbone_config("mixtral"))
     return load_backbone(BackboneConfig(model_type="tiny_deepseek_moe", config=TINY_DEEPSEEK_MOE))
 
 

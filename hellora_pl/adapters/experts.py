@@ -225,10 +225,11 @@ def detach_expert_adapter(moe, merge: bool) -> None:
                     weight = getattr(moe.experts, name)
                     weight[adapter.hot_experts] += adapter.delta_weight(name).to(weight.dtype)
         else:
-            for slot, expert in enumerate(adapter.hot_experts.tolist()):
-                for name in adapter.projections:
+            for name in adapter.projections:
+                delta = adapter.delta_weight(name) if merge else None
+                for slot, expert in enumerate(adapter.hot_experts.tolist()):
                     wrapped = getattr(moe.experts[expert], name)
                     if merge:
-                        wrapped.base_layer.weight += adapter.delta_weight(name)[slot].to(wrapped.weight.dtype)
+                        wrapped.base_layer.weight += delta[slot].to(wrapped.weight.dtype)
                     setattr(moe.experts[expert], name, wrapped.base_layer)
     delattr(host, EXPERT_ADAPTER_ATTR)

@@ -34,6 +34,8 @@ class DynamicRankCallback(Callback):
     the plan (plan.json, checkpoints) records the current ranks.
     """
 
+    plan_field = "dynamic_rank"  # the AdapterPlan field this callback fills (HotExpertInjectionCallback reads it)
+
     def __init__(
         self,
         rank_init: int | None = None,
@@ -63,8 +65,7 @@ class DynamicRankCallback(Callback):
         self.model_attribute = model_attribute
         self.frequency: dict[int, torch.Tensor] = {}  # per MoE layer: EMA of routing share per hot expert
         self.importance: dict[int, torch.Tensor] = {}  # per MoE layer: EMA of rank importance per hot expert
-        self._recorder: RoutingRecorder | None = None
-        self._recording = False
+        self._recorder: RoutingRecorder | None = None  # armed on every training batch
         self._stepped_at: int | None = None  # global step at the last update (accumulation: one per step)
 
     def plan_entry(self, rank: int) -> dict:
@@ -107,9 +108,7 @@ class DynamicRankCallback(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._recorder is not None:
-            self._recorder.set_token_mask(batch.get("attention_mask") if isinstance(batch, dict) else None)
-            self._recorder.armed = True
-            self._recording = True
+            self._recorder.arm(batch)
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if self._recorder is not None:
@@ -123,14 +122,10 @@ class DynamicRankCallback(Callback):
             self.importance[layer] = value if previous is None else decay * previous + (1 - decay) * value
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self._recording:
-            return
-        self._recording = False
-        if trainer.global_step == self._stepped_at:
+        if self._recorder is None or trainer.global_step == self._stepped_at:
             return  # no optimizer step yet (gradient accumulation): keep counting this step's routing
         self._stepped_at = trainer.global_step
-        profile = self._recorder.profile()
-        self._recorder.reset()
+        profile = self._recorder.take()
         adapters = self._adapters(trainer)
         for row, layer in enumerate(profile.layers):
             if layer not in adapters or profile.tokens == 0:

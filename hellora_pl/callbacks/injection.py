@@ -130,13 +130,14 @@ class HotExpertInjectionCallback(Callback):
             shared_expert_modules=None if shared else [],
             method=self.method,
             expert_adapter=method.expert_adapter,
-            lori=self._companion_entry(trainer, "LoRIMaskCallback", method.lori),
-            dynamic_rank=self._companion_entry(trainer, "DynamicRankCallback", method.dynamic_rank),
+            lori=self._companion_entry(trainer, "lori", "LoRIMaskCallback", method.lori),
+            dynamic_rank=self._companion_entry(trainer, "dynamic_rank", "DynamicRankCallback", method.dynamic_rank),
         )
 
-    def _companion_entry(self, trainer: Trainer, name: str, needed: bool) -> dict | None:
-        """The plan entry of a method's companion callback (LoRI masks, dynamic ranks)."""
-        found = [cb for cb in trainer.callbacks if type(cb).__name__ == name]
+    def _companion_entry(self, trainer: Trainer, plan_field: str, name: str, needed: bool) -> dict | None:
+        """The plan entry of a method's companion callback: the callback whose `plan_field` names
+        the AdapterPlan field it fills (LoRIMaskCallback: lori, DynamicRankCallback: dynamic_rank)."""
+        found = [cb for cb in trainer.callbacks if getattr(cb, "plan_field", None) == plan_field]
         if needed and not found:
             raise ValueError(
                 f"Method {self.method!r} needs a {name} in the trainer's callbacks; add "

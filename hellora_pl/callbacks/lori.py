@@ -32,6 +32,8 @@ class LoRIMaskCallback(Callback):
     layer, or per matrix.
     """
 
+    plan_field = "lori"  # the AdapterPlan field this callback fills (HotExpertInjectionCallback reads it)
+
     def __init__(
         self,
         density: float = 0.1,

@@ -113,8 +113,7 @@ class RoutingProfilerCallback(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._watch is None or trainer.global_step % self.watch_every_n_steps != 0:
             return
-        self._watch.set_token_mask(batch.get("attention_mask") if isinstance(batch, dict) else None)
-        self._watch.armed = True
+        self._watch.arm(batch)
         self._watching_step = True
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
@@ -125,8 +124,7 @@ class RoutingProfilerCallback(Callback):
         if not self._watching_step:
             return
         self._watching_step = False
-        profile = self._watch.profile()
-        self._watch.reset()
+        profile = self._watch.take()
         if profile.tokens > 0:
             self._log_routing(trainer, pl_module, profile, "routing/train", trainer.global_step)
 

@@ -115,6 +115,17 @@ class RoutingRecorder:
 
         return record
 
+    def arm(self, batch) -> None:
+        """Count the routing of the next forward, leaving out the batch's padding (a dict batch's attention_mask)."""
+        self.set_token_mask(batch.get("attention_mask") if isinstance(batch, dict) else None)
+        self.armed = True
+
+    def take(self) -> RoutingProfile:
+        """The counts so far, then start again from zero."""
+        profile = self.profile()
+        self.reset()
+        return profile
+
     def reset(self) -> None:
         self.counts.zero_()
         self.gate_mass.zero_()
