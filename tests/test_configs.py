@@ -8,10 +8,12 @@ import pytest
 from conftest import REPO
 from hellora_pl.adapters import injected_hot_experts
 from hellora_pl.callbacks.injection import injection_callback
-from hellora_pl.cli import HelloraCLI
+from hellora_pl.cli import HelloraCLI, main
 from hellora_pl.module import HelloraModule
 
 TINY = sorted((REPO / "configs" / "tiny").glob("*/*.yaml"))
+TINY_MATH = [path for path in TINY if path.stem.endswith("_math")]
+REAL = sorted(path for path in (REPO / "configs").glob("*/*.yaml") if path.parent.name != "tiny")
 
 
 def test_generated_configs_are_up_to_date():
@@ -19,11 +21,23 @@ def test_generated_configs_are_up_to_date():
         [sys.executable, str(REPO / "configs" / "generate.py"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert len(TINY) == 42  # 7 backbone families x 6 methods
+    assert len(TINY) == 7 * 6 * 3  # backbone families x methods x tasks
+    assert len(REAL) == 5 * 6 * 3  # checkpoints x methods x tasks
 
 
-@pytest.mark.parametrize("path", TINY, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_tiny_twin_fits(tmp_path, path):
+@pytest.mark.parametrize("path", REAL, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_real_config_parses(path, capsys):
+    """Every class path and argument of the real configs is valid (nothing is loaded)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "pretrained:" in printed and "class_path: hellora_pl.datamodules." in printed
+
+
+@pytest.mark.parametrize("path", TINY_MATH, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_tiny_twin_fits(tmp_path, path, shared_data, monkeypatch):
+    monkeypatch.chdir(REPO)  # the twins name ../shared/data relative to the repo root
     cli = HelloraCLI(
         HelloraModule,
         subclass_mode_data=True,
@@ -32,7 +46,7 @@ def test_tiny_twin_fits(tmp_path, path):
             "--config", str(path),
             "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--data.init_args.num_train=48", "--data.init_args.num_val=8",
+            "--data.init_args.train.limit=48", "--data.init_args.val_size=8",
         ],
     )  # fmt: skip
     cli.trainer.fit(cli.model, cli.datamodule)

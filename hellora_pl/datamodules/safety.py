@@ -1,0 +1,82 @@
+"""Safety: refusal pairs, optionally mixed with general instructions (as Saferpaca does), judged by refusal rate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import datasets
+
+from hellora_pl.datamodules.formats import record_format
+from hellora_pl.datamodules.instruction import InstructionDataModule
+from hellora_pl.datamodules.sources import DataSource
+from hellora_pl.evaluation.refusal import load_harmful_prompts
+from hellora_pl.evaluation.tasks import RefusalTask
+
+Judge = Callable[[list[str], list[str]], list[bool]]
+
+
+def mixture_sizes(safety: int, general: int, safety_fraction: float | None) -> tuple[int, int]:
+    """How many safety and general examples to keep so safety is `safety_fraction` of the mix.
+
+    The larger side is subsampled; nothing is repeated. None keeps both whole.
+    """
+    if safety_fraction is None or general == 0:
+        return safety, general
+    if not 0 < safety_fraction < 1:
+        raise ValueError(f"safety_fraction must be in (0, 1), got {safety_fraction}.")
+    if safety / (safety + general) > safety_fraction:
+        return max(1, round(safety_fraction * general / (1 - safety_fraction))), general
+    return safety, max(1, round(safety * (1 - safety_fraction) / safety_fraction))
+
+
+class SafetyDataModule(InstructionDataModule):
+    """Trains on refusal pairs `train` (Alpaca format: instruction, optional input, output), mixed
+    with `general` instructions when given so that refusals make up `safety_fraction` of the
+    examples (None: all of both). Judged by refusal rate on `harmful` (an AdvBench csv, a
+    folder of HEx-PHI `category_*.csv`, or a JSON list), per category where the set has them.
+
+    judge: callable(instructions, responses) -> list of bool (True: refused); default the
+        HEx-PHI keyword rule. Give your judge model as a class_path of a callable class.
+    """
+
+    def __init__(
+        self,
+        train: DataSource | None = None,
+        format: Literal["alpaca"] = "alpaca",
+        general: DataSource | None = None,
+        general_format: Literal["alpaca"] = "alpaca",
+        safety_fraction: float | None = None,
+        harmful: str | None = None,
+        harmful_field: str = "instruction",
+        judge: Judge | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if safety_fraction is not None and not 0 < safety_fraction < 1:
+            raise ValueError(f"safety_fraction must be in (0, 1) or null, got {safety_fraction}.")
+        self.train_source = train
+        self.format = record_format(format, ("alpaca",))
+        self.general = general
+        self.general_format = record_format(general_format, ("alpaca",))
+        self.safety_fraction = safety_fraction
+        self.harmful = harmful
+        self.harmful_field = harmful_field
+        self.judge = judge
+
+    def _training_examples(self) -> datasets.Dataset:
+        if self.train_source is None:
+            raise ValueError("SafetyDataModule needs `train:` (refusal pairs) to fit or validate.")
+        safety = self.encode(self.train_source, self.format, "train")
+        if self.general is None:
+            return safety
+        general = self.encode(self.general, self.general_format, "general")
+        keep_safety, keep_general = mixture_sizes(len(safety), len(general), self.safety_fraction)
+        safety = safety.shuffle(seed=self.seed).select(range(keep_safety))
+        general = general.shuffle(seed=self.seed + 1).select(range(keep_general))
+        return datasets.concatenate_datasets([safety, general])
+
+    def _eval_task(self) -> RefusalTask | None:
+        if self.harmful is None:
+            return None
+        return RefusalTask(load_harmful_prompts(self.harmful, field=self.harmful_field), judge=self.judge)

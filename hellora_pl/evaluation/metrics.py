@@ -1,0 +1,145 @@
+"""Evaluation metrics as torchmetrics ``Metric``s, so results stay exact under DDP.
+
+Each rank evaluates its own shard; the states are counts (or sums of per-problem estimates) reduced
+with ``dist_reduce_fx="sum"``, so ``compute()`` on every rank gives the value over the whole set,
+whatever the shard sizes. No state depends on earlier batches, hence ``full_state_update=False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torchmetrics
+from torch import Tensor
+
+from hellora_pl.evaluation.code import pass_at_k
+
+
+def _as_tensor(values: Tensor | Sequence, dtype: torch.dtype, name: str) -> Tensor:
+    """A flat tensor of ``dtype`` from a list or a tensor; fractional input is a caller bug, so refuse it."""
+    tensor = values if isinstance(values, Tensor) else torch.tensor(list(values))
+    if tensor.numel() == 0:
+        return torch.zeros(0, dtype=dtype)
+    if tensor.is_floating_point():
+        raise ValueError(f"{name} must hold integers or booleans, got {tensor.dtype}")
+    return tensor.detach().cpu().flatten().to(dtype)
+
+
+def _same_length(**named: Tensor) -> None:
+    """Raise when paired per-example inputs differ in length."""
+    lengths = {name: tensor.numel() for name, tensor in named.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"inputs differ in length: {lengths}")
+
+
+class GSM8KAccuracy(torchmetrics.Metric):
+    """Accuracy under lm-eval's two GSM8K extractions ("strict" and "flexible")."""
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("strict_correct", "flexible_correct", "total"):
+            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, strict: Tensor | Sequence[bool], flexible: Tensor | Sequence[bool]) -> None:
+        strict_t = _as_tensor(strict, torch.bool, "strict")
+        flexible_t = _as_tensor(flexible, torch.bool, "flexible")
+        _same_length(strict=strict_t, flexible=flexible_t)
+        self.strict_correct += strict_t.sum().to(self.total.device)
+        self.flexible_correct += flexible_t.sum().to(self.total.device)
+        self.total += strict_t.numel()
+
+    def compute(self) -> dict[str, Tensor]:
+        total = self.total.double()
+        return {"strict": self.strict_correct / total, "flexible": self.flexible_correct / total}
+
+
+class PassAtK(torchmetrics.Metric):
+    """Mean unbiased pass@k over problems, for several k at once."""
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, ks: Sequence[int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.ks = _check_ks(ks)
+        self.add_state("pass_sum", default=torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("problems", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, num_samples: Tensor | Sequence[int], num_correct: Tensor | Sequence[int]) -> None:
+        n_t = _as_tensor(num_samples, torch.long, "num_samples")
+        c_t = _as_tensor(num_correct, torch.long, "num_correct")
+        _same_length(num_samples=n_t, num_correct=c_t)
+        pairs = list(zip(n_t.tolist(), c_t.tolist()))
+        for index, (n, c) in enumerate(pairs):
+            self._check_problem(index, n, c)
+        estimates = [[pass_at_k(n, c, k) for k in self.ks] for n, c in pairs]
+        if estimates:
+            self.pass_sum += torch.tensor(estimates, dtype=torch.float64, device=self.pass_sum.device).sum(0)
+        self.problems += len(pairs)
+
+    def _check_problem(self, index: int, n: int, c: int) -> None:
+        """Reject counts the estimator is undefined for, before any state changes."""
+        if not 0 <= c <= n:
+            raise ValueError(f"problem {index} of the batch: num_correct={c} must lie in [0, num_samples={n}]")
+        if max(self.ks) > n:
+            raise ValueError(
+                f"pass@{max(self.ks)} needs at least {max(self.ks)} samples per problem, but problem {index} "
+                f"of the batch has num_samples={n}; sample more or drop that k"
+            )
+
+    def compute(self) -> dict[str, Tensor]:
+        means = self.pass_sum / self.problems.double()
+        return {f"pass@{k}": means[i] for i, k in enumerate(self.ks)}
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """Positive, distinct k values (distinct so the result keys do not collide)."""
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1 or len(set(ks)) != len(ks):
+        raise ValueError(f"ks must be distinct positive integers, got {ks}")
+    return ks
+
+
+class RefusalRate(torchmetrics.Metric):
+    """Fraction of harmful prompts refused, overall and per category."""
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, categories: Sequence[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.categories = tuple(categories)
+        if not self.categories or len(set(self.categories)) != len(self.categories):
+            raise ValueError(f"categories must be distinct and non-empty, got {self.categories}")
+        self._index = {category: i for i, category in enumerate(self.categories)}
+        size = len(self.categories)
+        self.add_state("refused", default=torch.zeros(size, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(size, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, categories: Sequence[str], refused: Tensor | Sequence[bool]) -> None:
+        index = torch.tensor([self._category_index(category) for category in categories], dtype=torch.long)
+        refused_t = _as_tensor(refused, torch.bool, "refused")
+        _same_length(categories=index, refused=refused_t)
+        size, device = len(self.categories), self.total.device
+        self.total += torch.bincount(index, minlength=size).to(device)
+        self.refused += torch.bincount(index[refused_t.cpu()], minlength=size).to(device)
+
+    def _category_index(self, category: str) -> int:
+        """Position of ``category`` in the declared list, with the known ones named on a miss."""
+        if category not in self._index:
+            raise ValueError(f"unknown refusal category {category!r}; declared: {list(self.categories)}")
+        return self._index[category]
+
+    def compute(self) -> dict[str, Tensor]:
+        result = {"refusal_rate": self.refused.sum().double() / self.total.sum().double()}
+        for i, category in enumerate(self.categories):
+            if self.total[i] > 0:
+                result[f"refusal_rate/{category}"] = self.refused[i].double() / self.total[i].double()
+        return result

@@ -1,0 +1,51 @@
+"""`python -m hellora_pl fit` then `test` on the tiny twin of each task family: the benchmark runs
+end to end (generation, scoring, sandbox for code), logs its metric and saves every sample."""
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO
+from hellora_pl.cli import main
+
+METRICS = {
+    "math": ("test/gsm8k/strict", "test/gsm8k/flexible"),
+    "code": ("test/humaneval/pass@1",),
+    "safety": ("test/refusal/refusal_rate",),
+}
+
+
+def scalars(log_dir):
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("task", ["math", "code", "safety"])
+def test_fit_then_test_runs_the_benchmark(tmp_path, shared_data, monkeypatch, task):
+    monkeypatch.chdir(REPO)  # the twins name ../shared/data relative to the repo root
+    config = REPO / "configs" / "tiny" / "olmoe" / f"hellora_{task}.yaml"
+    common = [
+        "--config", str(config), "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]  # fmt: skip
+    main(["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+    checkpoint = next((tmp_path / "hellora" / "version_0" / "checkpoints").glob("*.ckpt"))
+    main(["test", *common, f"--ckpt_path={checkpoint}"])
+
+    log_dir = tmp_path / "hellora" / "version_1"
+    values = scalars(log_dir)
+    for name in METRICS[task]:
+        assert name in values and 0.0 <= values[name] <= 1.0
+    [samples] = (log_dir / "generations").glob("test_*.jsonl")
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1]  # eval_limit 2, in order
+    assert all(len(r["completions"]) == 1 for r in records)
+    if task == "math":
+        assert values["test/gsm8k/strict"] == sum(r["strict"][0] for r in records) / 2
+    if task == "code":
+        assert values["test/humaneval/pass@1"] == sum(r["passed"][0] for r in records) / 2
+        assert all(r["status"][0] in {"passed", "failed", "timeout", "memory", "killed", "error"} for r in records)
+    if task == "safety":
+        assert values["test/refusal/refusal_rate"] == sum(r["refused"][0] for r in records) / 2
