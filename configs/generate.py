@@ -68,7 +68,7 @@ def tiny_data(task: str) -> dict:
                 "train": {"path": f"{SHARED}/mbpp/mbpp.jsonl", "split": "train", "limit": 200},
                 "format": "mbpp",
                 "benchmark": "humaneval", "benchmark_path": f"{SHARED}/humaneval/HumanEval.jsonl.gz",
-                "max_length": 512, "val_size": 16, **common, "generation": generation,
+                "max_length": 768, "val_size": 16, **common, "generation": generation,
             },
         }  # fmt: skip
     return {

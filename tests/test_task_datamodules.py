@@ -212,7 +212,13 @@ def test_code_module_reads_the_mbpp_train_split(shared_data):
         max_length=2048,
     )
     dm.setup("fit")
-    assert dm.stats["train"].rows == 374
+    assert dm.stats["train"].rows == 374  # tasks 601-974
+    limited = CodeDataModule(
+        tokenizer="builtin:char", format="mbpp", val_size=0, max_length=2048,
+        train=DataSource(str(shared_data / "mbpp" / "mbpp.jsonl"), split="train", limit=50),
+    )  # fmt: skip
+    limited.setup("fit")
+    assert limited.stats["train"].rows == 50
     dm.setup("test")
     assert len(dm.eval_task) == 500 and dm.eval_task.problems[0]["task_id"] == 11
     with pytest.raises(ValueError, match=r"1 <= k <= generation.num_samples \(1\)"):

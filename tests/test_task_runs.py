@@ -49,3 +49,23 @@ def test_fit_then_test_runs_the_benchmark(tmp_path, shared_data, monkeypatch, ta
         assert all(r["status"][0] in {"passed", "failed", "timeout", "memory", "killed", "error"} for r in records)
     if task == "safety":
         assert values["test/refusal/refusal_rate"] == sum(r["refused"][0] for r in records) / 2
+
+
+def test_benchmark_in_validation_with_a_configured_judge(tmp_path, shared_data, monkeypatch):
+    """evaluate_in_validation runs the benchmark beside val/loss; a judge comes from the config by class_path."""
+    monkeypatch.chdir(REPO)
+    main(
+        [
+            "fit", "--config", str(REPO / "configs" / "tiny" / "olmoe" / "lora_safety.yaml"),
+            "--trainer.enable_progress_bar=false", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--data.init_args.evaluate_in_validation=true",
+            "--data.init_args.judge.class_path=hellora_pl.evaluation.KeywordJudge",
+            '--data.init_args.judge.init_args.keywords=[""]',  # the empty keyword is in every response
+        ]
+    )  # fmt: skip
+    values = scalars(tmp_path / "hellora" / "version_0")
+    assert values["val/refusal/refusal_rate"] == 1.0
+    assert values["val/refusal/refusal_rate/advbench_harmful_behaviors"] == 1.0
+    assert "val/loss" in values
+    assert len(list((tmp_path / "hellora" / "version_0" / "generations").glob("val_refusal_step2.jsonl"))) == 1

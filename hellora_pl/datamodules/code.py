@@ -65,7 +65,7 @@ class CodeDataModule(InstructionDataModule):
             raise ValueError("CodeDataModule needs `train:` (a DataSource) to fit or validate.")
         if self.format.name != "mbpp":
             return self.encode(self.train_source, self.format, "train")
-        rows = load_mbpp(self.train_source.path, split=self.train_source.split)
+        rows = load_mbpp(self.train_source.path, split=self.train_source.split)[: self.train_source.limit]
         return self.encode_rows(datasets.Dataset.from_list(rows), self.train_source, self.format, "train")
 
     def _eval_task(self) -> CodeTask:
