@@ -69,3 +69,40 @@ def test_benchmark_in_validation_with_a_configured_judge(tmp_path, shared_data, 
     assert values["val/refusal/refusal_rate/advbench_harmful_behaviors"] == 1.0
     assert "val/loss" in values
     assert len(list((tmp_path / "hellora" / "version_0" / "generations").glob("val_refusal_step2.jsonl"))) == 1
+
+
+def test_two_process_test_run_scores_each_problem_once(tmp_path, shared_data, monkeypatch):
+    """Under DDP (2 CPU processes, gloo) every problem is generated on exactly one rank and the
+    reduced metric equals the single-process one over the same, identical completions."""
+    monkeypatch.chdir(REPO)
+    config = REPO / "configs" / "tiny" / "olmoe" / "hellora_math.yaml"
+
+    def run(root, *extra):
+        main(
+            [
+                "test", "--config", str(config), "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+                "--data.init_args.eval_limit=5", "--data.init_args.eval_batch_size=2", *extra,
+            ]
+        )  # fmt: skip
+        log_dir = root / "hellora" / "version_0"
+        records = [
+            json.loads(line)
+            for path in (log_dir / "generations").glob("*.jsonl")
+            for line in path.read_text().splitlines()
+        ]
+        return (
+            scalars(log_dir),
+            sorted(records, key=lambda r: r["index"]),
+            sorted((log_dir / "generations").glob("*.jsonl")),
+        )
+
+    one, one_records, one_files = run(tmp_path / "one")
+    two, two_records, two_files = run(tmp_path / "two", "--trainer.devices=2", "--trainer.strategy=ddp_spawn")
+    assert [f.name for f in two_files] == ["test_gsm8k_step0_rank0.jsonl", "test_gsm8k_step0_rank1.jsonl"]
+    assert [r["index"] for r in two_records] == [0, 1, 2, 3, 4]  # each once, none repeated to even the shards
+    assert two_records == one_records
+    flexible = sum(r["flexible"][0] for r in one_records) / 5
+    assert one["test/gsm8k/flexible"] == pytest.approx(flexible) and two["test/gsm8k/flexible"] == pytest.approx(
+        flexible
+    )

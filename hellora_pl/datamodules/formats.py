@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
@@ -61,14 +62,12 @@ class RecordFormat:
 FORMATS: dict[str, RecordFormat] = {
     fmt.name: fmt
     for fmt in (
-        RecordFormat("gsm8k", ("question", "answer"), lambda r: r["question"], lambda r: r["answer"]),
-        RecordFormat("metamathqa", ("query", "response"), lambda r: r["query"], lambda r: r["response"]),
-        RecordFormat("alpaca", ("instruction", "output"), _alpaca_instruction, lambda r: r["output"], ("input",)),
-        RecordFormat("magicoder_oss", ("problem", "solution"), lambda r: r["problem"], lambda r: r["solution"]),
-        RecordFormat(
-            "magicoder_evol", ("instruction", "response"), lambda r: r["instruction"], lambda r: r["response"]
-        ),
-        RecordFormat("mbpp", ("text", "code", "test_list"), mbpp_prompt, lambda r: r["code"], lists=("test_list",)),
+        RecordFormat("gsm8k", ("question", "answer"), itemgetter("question"), itemgetter("answer")),
+        RecordFormat("metamathqa", ("query", "response"), itemgetter("query"), itemgetter("response")),
+        RecordFormat("alpaca", ("instruction", "output"), _alpaca_instruction, itemgetter("output"), ("input",)),
+        RecordFormat("magicoder_oss", ("problem", "solution"), itemgetter("problem"), itemgetter("solution")),
+        RecordFormat("magicoder_evol", ("instruction", "response"), itemgetter("instruction"), itemgetter("response")),
+        RecordFormat("mbpp", ("text", "code", "test_list"), mbpp_prompt, itemgetter("code"), lists=("test_list",)),
     )
 }
 
