@@ -11,8 +11,8 @@ import lightning as L
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from hellora_pl.datamodules.collate import CausalLMCollator, tokenize_prompt_response
-from hellora_pl.datamodules.sampler import EpochShuffleSampler
+from hellora_pl.datamodules.collate import tokenize_prompt_response
+from hellora_pl.datamodules.loaders import LossLoaders
 from hellora_pl.datamodules.tokenizer import load_tokenizer
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer: "
@@ -107,7 +107,7 @@ def _require_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value}")
 
 
-class ArithmeticDataModule(L.LightningDataModule):
+class ArithmeticDataModule(LossLoaders, L.LightningDataModule):
     """Synthetic arithmetic word problems for fast, offline fine-tuning runs.
 
     Each example is ``PROMPT_TEMPLATE`` + answer + eos, with the loss on the answer and eos
@@ -172,17 +172,7 @@ class ArithmeticDataModule(L.LightningDataModule):
     def _loader(self, examples: list[dict[str, Any]], shuffle: bool) -> DataLoader:
         if not examples:
             raise RuntimeError("call setup() before requesting a dataloader")
-        return DataLoader(
-            examples,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(examples), self.seed, self._current_epoch) if shuffle else None,
-            collate_fn=CausalLMCollator(self.tokenizer.pad_token_id),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def _current_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else 0
+        return self._loss_loader(examples, shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._train_examples, shuffle=True)

@@ -18,17 +18,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from hellora_pl.datamodules.collate import CausalLMCollator, PromptCollator
+from hellora_pl.datamodules.collate import PromptCollator
 from hellora_pl.datamodules.encoding import EncodingStats, encode_rows, encode_source, pack_examples
 from hellora_pl.datamodules.formats import ALPACA_TEMPLATE, PromptTemplate, RecordFormat, TemplateChoice
-from hellora_pl.datamodules.sampler import EpochShuffleSampler
+from hellora_pl.datamodules.loaders import LossLoaders
 from hellora_pl.datamodules.sources import DataSource
 from hellora_pl.datamodules.tokenizer import load_tokenizer
 from hellora_pl.evaluation.generation import GenerationConfig
 from hellora_pl.evaluation.tasks import EvalTask
 
 
-class InstructionDataModule(L.LightningDataModule):
+class InstructionDataModule(LossLoaders, L.LightningDataModule):
     """Base of MathDataModule, CodeDataModule and SafetyDataModule.
 
     Args (shared by all three):
@@ -179,19 +179,6 @@ class InstructionDataModule(L.LightningDataModule):
         logger.log_metrics(metrics, step=0)
 
     # -- loaders -------------------------------------------------------------------------------
-    def _current_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else 0
-
-    def _loss_loader(self, examples, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            examples,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(examples), self.seed, self._current_epoch) if shuffle else None,
-            collate_fn=CausalLMCollator(self.tokenizer.pad_token_id),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
     def _generation_loader(self) -> DataLoader:
         sampler = None
         world_size = self.trainer.world_size if self.trainer is not None else 1
