@@ -7,7 +7,7 @@ from torch import nn
 
 from ..backbones import architecture_for
 from ..backbones.loading import DTYPES as ADAPTER_DTYPES
-from ..kernels import use_adapted_experts
+from ..kernels import ExpertKernel, use_adapted_experts
 from .experts import (
     ExpertAdapter,
     ExpertDelta,
@@ -84,8 +84,12 @@ def count_lora_baseline_params(model: nn.Module, rank: int) -> int:
     return count_plan_params(model, baseline)
 
 
-def inject_adapters(model: nn.Module, plan: AdapterPlan) -> None:
-    """Freeze the base and add the plan's adapters in place (LoRA: A random, B zero; deltas zero)."""
+def inject_adapters(model: nn.Module, plan: AdapterPlan, expert_kernel: ExpertKernel = "auto") -> None:
+    """Freeze the base and add the plan's adapters in place (LoRA: A random, B zero; deltas zero).
+
+    Fused experts then run the adapted path with `expert_kernel`: "auto" (Triton for CUDA tensors
+    when installed, torch otherwise), "triton" or "torch".
+    """
     arch = architecture_for(model)
     if arch.name != plan.architecture:
         raise ValueError(f"The plan was made for {plan.architecture!r} but the model is {arch.name!r}.")
@@ -114,7 +118,7 @@ def inject_adapters(model: nn.Module, plan: AdapterPlan) -> None:
             adapter = _expert_adapter(arch, moe, layer_plan, plan, dtype)
             attach_expert_adapter(moe, adapter, arch.fused)
     if arch.fused:
-        use_adapted_experts(model)
+        use_adapted_experts(model, expert_kernel)
 
 
 def _wrap_linears(parent: nn.Module, names, plan: AdapterPlan, where: str, dtype: torch.dtype) -> None:

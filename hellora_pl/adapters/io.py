@@ -46,13 +46,13 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
             param.copy_(tensors[name])
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> AdapterPlan:
+def load_adapter(model: nn.Module, directory: str | Path, expert_kernel: str = "auto") -> AdapterPlan:
     """Inject the plan saved in `directory` into `model` and load its weights."""
     directory = Path(directory)
     weights = directory / ADAPTER_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"No {ADAPTER_FILE} in {str(directory)!r}; give the hellora/ folder written by a fit.")
     plan = AdapterPlan.read(directory / PLAN_FILE)
-    inject_adapters(model, plan)
+    inject_adapters(model, plan, expert_kernel)
     load_adapter_weights(model, load_file(str(weights)))
     return plan

@@ -19,6 +19,7 @@ from ..adapters import (
     save_adapter,
 )
 from ..adapters.methods import method_defaults
+from ..kernels.dispatch import IMPLEMENTATIONS, ExpertKernel
 from ..routing import HotExpertPolicy
 from .logging import log_scalars, log_text
 from .protocol import backbone_of
@@ -45,6 +46,10 @@ class HotExpertInjectionCallback(Callback):
 
     `plan.json` and `adapter.safetensors` are written under `output_dir` (default
     `<log dir>/hellora`) with every checkpoint and at the end of fit.
+
+    `expert_kernel` picks the adapted expert path of fused experts: "auto" (Triton for CUDA
+    tensors when Triton is installed, the torch reference otherwise), "triton" (an error where
+    it cannot run) or "torch".
     """
 
     def __init__(
@@ -65,7 +70,11 @@ class HotExpertInjectionCallback(Callback):
         overwrite: bool = False,
         checkpoint_adapters_only: bool = True,
         model_attribute: str = "model",
+        expert_kernel: ExpertKernel = "auto",
     ):
+        if expert_kernel not in IMPLEMENTATIONS:
+            raise ValueError(f"Unknown expert_kernel {expert_kernel!r}; choose one of {', '.join(IMPLEMENTATIONS)}.")
+        self.expert_kernel = expert_kernel
         self.method = method_defaults(method).name
         self.hot_experts = hot_experts if hot_experts is not None else method_defaults(method).policy()
         self.rank = rank
@@ -94,11 +103,11 @@ class HotExpertInjectionCallback(Callback):
         if is_injected(model):
             return  # a second stage in the same process (fit, then test)
         if self.adapter_path is not None:
-            self.plan = load_adapter(model, self.adapter_path)
+            self.plan = load_adapter(model, self.adapter_path, self.expert_kernel)
         elif stage == "fit":
             self._check_output_dir(trainer)
             self.plan = self._make_plan(trainer, pl_module, model)
-            inject_adapters(model, self.plan)
+            inject_adapters(model, self.plan, self.expert_kernel)
         else:
             return  # evaluate the base model, unless a checkpoint brings a plan
         self._announce()
@@ -160,7 +169,7 @@ class HotExpertInjectionCallback(Callback):
             if is_injected(model):
                 rank_zero_info("[hellora] the checkpoint's plan replaces the one made for this run")
                 remove_adapters(model)
-            inject_adapters(model, plan)
+            inject_adapters(model, plan, self.expert_kernel)
             self.plan = plan
             self._announce()
         load_adapter_weights(model, state["adapters"])

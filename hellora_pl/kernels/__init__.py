@@ -1,6 +1,14 @@
-"""The adapted expert path: a torch reference (also the CPU path) and its dispatch."""
+"""The adapted expert path: a torch reference (also the CPU path), Triton kernels, and their dispatch."""
 
-from .dispatch import EXPERTS_IMPLEMENTATION, use_adapted_experts
+from .dispatch import EXPERTS_IMPLEMENTATION, ExpertKernel, expert_kernel_of, use_adapted_experts
 from .reference import ExpertRouting, adapted_experts_forward, grouped_mm
 
-__all__ = ["EXPERTS_IMPLEMENTATION", "ExpertRouting", "adapted_experts_forward", "grouped_mm", "use_adapted_experts"]
+__all__ = [
+    "EXPERTS_IMPLEMENTATION",
+    "ExpertKernel",
+    "ExpertRouting",
+    "adapted_experts_forward",
+    "expert_kernel_of",
+    "grouped_mm",
+    "use_adapted_experts",
+]
