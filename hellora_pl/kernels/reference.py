@@ -75,8 +75,27 @@ def _project(experts: nn.Module, name: str, x: torch.Tensor, routing: ExpertRout
     weight = getattr(experts, name)
     out = grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), routing.offsets)
     if lora is not None and name in lora.projections and routing.hot_rows.numel() > 0:
-        out = out.index_add(0, routing.hot_rows, lora_update(lora, name, x, routing).to(out.dtype))
+        # In place: grouped_mm does not keep its output for backward, and a copy would cost a full pass.
+        out.index_add_(0, routing.hot_rows, lora_update(lora, name, x, routing).to(out.dtype))
     return out
+
+
+class _Unsort(torch.autograd.Function):
+    """Rows back to (token, k) order by gathering with the inverse permutation.
+
+    Its backward is the gather grad[perm]; `index_copy` would keep its whole [T*k, H] source for
+    backward and autograd's gather backward is an accumulating scatter, both slower or larger.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, perm, inverse):
+        ctx.save_for_backward(perm)
+        return rows.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (perm,) = ctx.saved_tensors
+        return grad.index_select(0, perm), None, None
 
 
 def _gate(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
@@ -106,5 +125,7 @@ def adapted_experts_forward(
     out = _project(experts, "down_proj", hidden, routing, lora)
     out = out * top_k_weights.reshape(-1)[routing.perm].unsqueeze(-1).to(out.dtype)
     # Back to (token, k) order and sum over k: deterministic, unlike index_add on CUDA.
-    unsorted = torch.empty_like(out).index_copy(0, routing.perm, out)
+    inverse = torch.empty_like(routing.perm)
+    inverse[routing.perm] = torch.arange(routing.perm.numel(), device=routing.perm.device)
+    unsorted = _Unsort.apply(out, routing.perm, inverse)
     return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
