@@ -50,6 +50,10 @@ Base model
       absmax per 64-weight block (0.5625 byte per weight; per tensor ceil(n/2) + 4 ceil(n/64)
       bytes, no double quantization); the input embedding, lm_head, norms and biases stay
       16-bit.
+
+With --memory the report adds the predicted peak GPU memory of one training step (weights,
+adapters, gradients, optimizer state, activations with and without checkpointing, transients,
+FSDP sharding); those rules are in the docstring of `hellora_pl/memory.py`.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from .adapters.methods import method_defaults
 from .adapters.plan import AdapterPlan
 from .backbones import architecture_for, supported_model_types
 from .backbones.shapes import SHAPES, meta_model, shape_config
+from .memory import QUANTIZATIONS, MemorySettings, memory_report
 from .routing import CoveragePerLayer, RoutingProfile, TopKPerLayer
 
 NF4_BLOCK = 64
@@ -345,8 +350,13 @@ def budget(
     rank_max: int | None = None,
     source: str = "",
     profile_path: str | None = None,
+    memory: MemorySettings | None = None,
 ) -> dict:
-    """The budget report of `method` on `model` (a meta-device model is enough), as a dict."""
+    """The budget report of `method` on `model` (a meta-device model is enough), as a dict.
+
+    With `memory`, the report also holds the predicted peak memory of a training step
+    (`hellora_pl.memory`) under its key "memory".
+    """
     defaults = method_defaults(method)
     arch = architecture_for(model)
     num_experts, top_k = arch.num_experts(model.config), arch.top_k(model.config)
@@ -615,7 +625,7 @@ def budget(
         settings["lori"] = lori
     if dynamic is not None:
         settings["dynamic_rank"] = plan.dynamic_rank
-    return {
+    report = {
         "backbone": {
             "source": source,
             "model_type": model.config.model_type,
@@ -640,6 +650,9 @@ def budget(
         "figures": figures,
         "notes": notes,
     }
+    if memory is not None:
+        report["memory"] = memory_report(model, plan, shares, memory)
+    return report
 
 
 # -- printing -----------------------------------------------------------------------------
@@ -699,7 +712,27 @@ def format_text(report: dict) -> str:
         lines.append("")
         lines.extend(f"  note: {note}" for note in report["notes"])
     lines.append("  (how each figure is counted: the docstring of hellora_pl/budget.py)")
+    if "memory" in report:
+        lines.extend(format_memory(report["memory"]))
     return "\n".join(lines)
+
+
+def format_memory(memory: dict) -> list[str]:
+    """The memory breakdown, one line per figure with how it is counted."""
+    s = memory["settings"]
+    lines = [
+        "",
+        f"  memory     per rank: batch {s['batch_size']} x {s['seq_len']} tokens; weights {s['dtype']}"
+        f" ({s['quantization']}); adapters {s['adapter_dtype']}; gradient checkpointing "
+        f"{'on' if s['gradient_checkpointing'] else 'off'}; FSDP ranks {s['fsdp']}",
+    ]
+    width = max(len(f["label"]) for f in memory["figures"].values())
+    for fig in memory["figures"].values():
+        value = f"{fig['value'] / 2**30:.2f} GiB ({fig['value'] / 1e9:.2f} GB)"
+        lines.append(f"  {fig['label']:<{width}}  {value:>24}   {fig['how']}")
+    lines.extend(f"  note: {note}" for note in memory["notes"])
+    lines.append("  (how each memory term is counted: the docstring of hellora_pl/memory.py)")
+    return lines
 
 
 # -- command line -------------------------------------------------------------------------
@@ -740,7 +773,20 @@ def make_parser() -> argparse.ArgumentParser:
         "--rank-max", type=int, default=None, help="dr_lora: largest per-expert rank (default 2 x rank)"
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_memory_arguments(parser)
     return parser
+
+
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("memory (with --memory; counting rules in hellora_pl/memory.py)")
+    group.add_argument("--memory", action="store_true", help="add the predicted peak GPU memory of a training step")
+    group.add_argument("--batch-size", type=int, default=1, help="sequences per rank (default 1)")
+    group.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    group.add_argument("--dtype", default="bfloat16", help="base weights: bfloat16 (default), float16, float32")
+    group.add_argument("--adapter-dtype", default="float32", help="adapters: float32 (default), bfloat16, float16")
+    group.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="4-bit base (default none)")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute each decoder layer")
+    group.add_argument("--fsdp", type=int, default=1, help="ranks sharing weights, grads and optimizer (default 1)")
 
 
 def read_profile(path: str) -> RoutingProfile:
@@ -771,6 +817,19 @@ def run(args: argparse.Namespace) -> dict:
         rank_max=args.rank_max,
         source=source,
         profile_path=args.profile,
+        memory=memory_settings(args) if args.memory else None,
+    )
+
+
+def memory_settings(args: argparse.Namespace) -> MemorySettings:
+    return MemorySettings(
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        adapter_dtype=args.adapter_dtype,
+        quantization=args.quantization,
+        gradient_checkpointing=args.gradient_checkpointing,
+        fsdp=args.fsdp,
     )
 
 

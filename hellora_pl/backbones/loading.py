@@ -20,7 +20,8 @@ class BackboneConfig:
 
     Give `pretrained` (a hub id or a local directory) to load weights, or `model_type` plus
     `config` fields to build a randomly initialised model from a config (seeded, offline).
-    With `pretrained`, `config` holds overrides applied to the loaded config.
+    With `pretrained`, `config` holds overrides applied to the loaded config. `quantization`
+    ("nf4", "nf4-dq" or None) stores the frozen base in 4 bits (hellora_pl.quant, needs bitsandbytes).
     """
 
     pretrained: str | None = None
@@ -32,6 +33,7 @@ class BackboneConfig:
     seed: int = 0
     trust_remote_code: bool = False
     revision: str | None = None
+    quantization: str | None = None
 
 
 def load_backbone(cfg: BackboneConfig) -> PreTrainedModel:
@@ -44,9 +46,15 @@ def load_backbone(cfg: BackboneConfig) -> PreTrainedModel:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}.")
     dtype = DTYPES[cfg.dtype]
-    if cfg.pretrained is not None:
-        return _from_pretrained(cfg, dtype)
-    return _from_config(cfg, dtype)
+    from ..quant.nf4 import check_quantization
+
+    quantize = check_quantization(cfg.quantization)  # fail before loading anything
+    model = _from_pretrained(cfg, dtype) if cfg.pretrained is not None else _from_config(cfg, dtype)
+    if quantize:
+        from ..quant import quantize_model
+
+        quantize_model(model, cfg.quantization)
+    return model
 
 
 def _from_config(cfg: BackboneConfig, dtype: torch.dtype) -> PreTrainedModel:

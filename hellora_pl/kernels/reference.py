@@ -73,7 +73,10 @@ def _rank_padding(rank: int, element_size: int) -> int:
 
 def _project(experts: nn.Module, name: str, x: torch.Tensor, routing: ExpertRouting, lora) -> torch.Tensor:
     weight = getattr(experts, name)
-    out = grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), routing.offsets)
+    if isinstance(weight, torch.Tensor):
+        out = grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), routing.offsets)
+    else:  # quantized storage (hellora_pl.quant): dequantizes only the experts this batch routes to
+        out = weight.grouped_mm(x.to(weight.dtype), routing.offsets)
     if lora is not None and name in lora.projections and routing.hot_rows.numel() > 0:
         # In place: grouped_mm does not keep its output for backward, and a copy would cost a full pass.
         out.index_add_(0, routing.hot_rows, lora_update(lora, name, x, routing).to(out.dtype))

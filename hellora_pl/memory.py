@@ -1,0 +1,481 @@
+"""Peak GPU memory of one training step, before training: `python -m hellora_pl.budget --memory`.
+
+Counted from the shapes of a meta-device model and the same `AdapterPlan` a fit injects, for
+one rank with `batch_size` sequences of `seq_len` tokens (N = B T tokens, k = top-k, S = N k
+routed rows of a MoE layer, S_hot = the rows landing on its adapted experts, from the routing
+profile or uniform routing). d = bytes of the base dtype, a = bytes of the adapter dtype.
+
+How each term is counted
+------------------------
+weights      every base parameter at d bytes; with --quantization nf4 every 2D+ weight but the
+             input embedding and lm_head is stored as bitsandbytes' `quantize_4bit` stores it
+             (bitsandbytes/functional.py: blocksize 64, one absmax per block, a 16-entry fp32
+             code per tensor): ceil(n/2) + 4 ceil(n/64) + 64 bytes (0.5625 B/param); nf4-dq
+             (compress_statistics) quantizes the absmax to 8 bits in blocks of 256 with an fp32
+             absmax per block, a 256-entry fp32 code and an fp32 offset: ceil(n/2) + ceil(n/64)
+             + 4 ceil(ceil(n/64)/256) + 1024 + 4 + 64 bytes (0.5159 B/param). The rest stays at d.
+adapters     every adapter tensor held (LoRI's frozen A and dense B, DR-LoRA at r_max) at a
+             bytes, LoRI's bool masks (1 B per B element) and the int64 hot-expert and slot maps.
+gradients    one per trainable tensor element (the base is frozen), at a bytes; LoRI's dense B
+             gets a dense gradient. Counted in full (grads are freed before each forward and
+             are all alive by the end of the backward).
+optimizer    torch AdamW, as HelloraModule builds it: exp_avg and exp_avg_sq in the parameter's
+             dtype, 2 a bytes per trainable element. No fp32 master copy: with --adapter-dtype
+             bfloat16 the moments are bf16 too. The step counters are host tensors (not counted).
+activations  the bytes autograd saves for the backward (tensors that are not parameters),
+             per decoder layer, as the hellora expert path and transformers' modules save them:
+               RMSNorm        fp32 input 4 N H + rsqrt 4 N, twice per layer (the first
+                              layer's input norm saves nothing: embeddings need no grad);
+                              q/k norms (OLMoE, Qwen3) the same on q and k widths
+               attention      SDPA (flash/efficient kernels, no T x T matrix) keeps q, k, v
+                              and its output at d, and fp32 logsumexp 4 N heads; LoRA keeps its
+                              input cast to a (one copy per projection; shared when a = d) and
+                              x A^T, a N r, per adapted projection
+               router         fp32 softmax 4 N E, top-k indices 8 N k, renormalised weights
+                              4 N (k + 1) when the model renormalises; with router LoRA its
+                              input d N H and W + BA, d E H
+               experts        sort maps 2 x 8 S, gate_up output d S 2I, activation d S I,
+                              down output d S H, routing weights d S; LoRA on the S_hot rows:
+                              inputs a S_hot (H + I), x A^T 2 a S_hot r, the updates added in
+                              place d S_hot (2I + H), the row index 8 S_hot
+               shared experts d N 3 I_s, plus LoRA inputs a N (2H + I_s) and a N 3 r when adapted
+             then the final norm (4 N H + 4 N), fp32 log-probs 4 N V and labels 8 N, and RoPE's
+             cos and sin, 2 T head_dim d. With --gradient-checkpointing each decoder layer
+             keeps only its input, d N H, and its activations come back one layer at a time.
+transients   on top of the above, the largest of: the loss (two fp32 [N, V] gradients during
+             the log-softmax backward, 8 N V); one layer's backward (its expert-path gradients
+             d S (2I + I + H), plus with checkpointing that layer's recomputed activations, plus
+             with nf4 the largest weight dequantized to d, a fused [E, 2I, H] experts tensor).
+FSDP (N ranks) weights, adapters, gradients and optimizer state are divided by N (rounded up);
+             activations are per rank; the root unit (embeddings, lm_head, final norm) stays
+             gathered for the step and one decoder layer is gathered at a time, each at its
+             stored bytes.
+Not counted: the CUDA context and kernels' workspaces (cuBLAS, NCCL; about 0.5-1 GiB), allocator
+fragmentation, DeepSeek-MLA and ModuleList expert layouts in detail (counted as above, not
+validated), and attention with a T x T mask (padding or packing on the math kernel).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .adapters import count_plan_params
+from .adapters.plan import AdapterPlan
+from .backbones import architecture_for
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+QUANTIZATIONS = ("none", "nf4", "nf4-dq")
+NF4_BLOCK = 64  # bitsandbytes quantize_4bit default blocksize
+NF4_CODE_BYTES = 16 * 4  # the 16-entry fp32 NF4 code each QuantState holds
+DQ_BLOCK = 256  # double quantization: quantize_blockwise(absmax - offset, blocksize=256)
+DQ_CODE_BYTES = 256 * 4  # its 8-bit dynamic code, 256 fp32 entries
+DQ_OFFSET_BYTES = 4
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """One rank's training step: what the memory figures are counted for."""
+
+    batch_size: int = 1
+    seq_len: int = 2048
+    dtype: str = "bfloat16"
+    adapter_dtype: str = "float32"
+    quantization: str = "none"
+    gradient_checkpointing: bool = False
+    fsdp: int = 1
+
+    def __post_init__(self):
+        for name in ("dtype", "adapter_dtype"):
+            value = DTYPE_ALIASES.get(getattr(self, name), getattr(self, name))
+            if value not in DTYPE_BYTES:
+                raise ValueError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(DTYPE_BYTES)}.")
+            object.__setattr__(self, name, value)
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"--quantization {self.quantization!r}: choose one of {', '.join(QUANTIZATIONS)}.")
+        if self.quantization != "none" and self.dtype == "float32":
+            raise ValueError("--quantization nf4 computes in 16 bits; give --dtype bfloat16 or float16.")
+        for name in ("batch_size", "seq_len", "fsdp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+# -- stored weights -------------------------------------------------------------------------
+
+
+def nf4_bytes(numel: int, double_quant: bool = False) -> int:
+    """Bytes bitsandbytes' quantize_4bit keeps for one tensor of `numel` weights (NF4, blocksize 64)."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    packed = math.ceil(numel / 2)
+    if not double_quant:
+        return packed + 4 * blocks + NF4_CODE_BYTES
+    return packed + blocks + 4 * math.ceil(blocks / DQ_BLOCK) + DQ_CODE_BYTES + DQ_OFFSET_BYTES + NF4_CODE_BYTES
+
+
+def _kept_16bit(model: nn.Module) -> set[int]:
+    """The input embedding and lm_head: never quantized."""
+    kept = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        kept.add(id(head.weight))
+    return kept
+
+
+def tensor_bytes(param: torch.Tensor, settings: MemorySettings, kept: set[int]) -> int:
+    """Stored bytes of one base tensor under `settings`."""
+    if settings.quantization != "none" and param.dim() >= 2 and id(param) not in kept:
+        return nf4_bytes(param.numel(), settings.quantization == "nf4-dq")
+    return DTYPE_BYTES[settings.dtype] * param.numel()
+
+
+def weight_bytes(module: nn.Module, settings: MemorySettings, kept: set[int]) -> int:
+    """Stored bytes of every parameter of `module` (each tensor once)."""
+    return sum(tensor_bytes(p, settings, kept) for p in module.parameters())
+
+
+def largest_quantized_tensor(model: nn.Module, settings: MemorySettings, kept: set[int]) -> int:
+    """Elements of the largest quantized weight (what a dequantization materialises at once)."""
+    if settings.quantization == "none":
+        return 0
+    return max((p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in kept), default=0)
+
+
+# -- adapters -------------------------------------------------------------------------------
+
+
+def _at_allocated_rank(plan: AdapterPlan, lori: dict | None) -> AdapterPlan:
+    """A copy of `plan` with every expert at its allocated rank and the given LoRI setting."""
+    held = copy.deepcopy(plan)
+    held.lori = lori
+    for layer in held.layers:
+        layer.expert_ranks = [plan.allocated_expert_rank] * len(layer.hot_experts)
+    return held
+
+
+def adapter_elements(model: nn.Module, plan: AdapterPlan) -> tuple[int, int]:
+    """(elements held, elements that train): LoRI trains its dense B only; DR-LoRA holds r_max."""
+    held = count_plan_params(model, _at_allocated_rank(plan, None))
+    if plan.lori is None:
+        return held, held
+    b_only = count_plan_params(model, _at_allocated_rank(plan, {"density": 1.0, "masked": True}))
+    return held, b_only
+
+
+def adapter_buffer_bytes(plan: AdapterPlan) -> int:
+    """The int64 hot-expert and expert -> slot maps (and DR-LoRA's active ranks) per adapted layer."""
+    total = 0
+    for layer in plan.layers:
+        if plan.expert_modules and layer.hot_experts:
+            hot = len(layer.hot_experts)
+            total += 8 * (hot + plan.num_experts) + (8 * hot if plan.dynamic_rank is not None else 0)
+    return total
+
+
+# -- activations ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Widths:
+    """The per-token widths the activation terms need, read off the config and the modules."""
+
+    hidden: int
+    q: int
+    k: int
+    v: int
+    out: int
+    heads: int
+    head_dim: int
+    q_norm_rows: int  # rsqrt values per token of the q norm (0: no q/k norm)
+    k_norm_rows: int
+    vocab: int
+
+
+def attention_widths(model: nn.Module) -> Widths:
+    """q, k, v and output widths of the attention (MLA: heads x qk/v head dims)."""
+    cfg = model.config
+    arch = architecture_for(model)
+    attention = arch.attention_module(arch.decoder_layers(model)[0])
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    if getattr(cfg, "qk_nope_head_dim", None) is not None:
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        q = k = heads * qk
+        v = out = heads * cfg.v_head_dim
+        head_dim = cfg.qk_rope_head_dim
+    else:
+        head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        q, k, v, out = heads * head_dim, kv_heads * head_dim, kv_heads * head_dim, heads * head_dim
+    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+    q_rows = q // q_norm.weight.numel() if q_norm is not None else 0
+    k_rows = k // k_norm.weight.numel() if k_norm is not None else 0
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return Widths(hidden, q, k, v, out, heads, head_dim, q_rows, k_rows, vocab)
+
+
+def _rms_norm(tokens: int, width: int, rows_per_token: int = 1) -> int:
+    """An RMSNorm keeps its fp32 input and the fp32 rsqrt per normalised row."""
+    return 4 * tokens * width + 4 * tokens * rows_per_token
+
+
+def attention_activations(model: nn.Module, plan: AdapterPlan, w: Widths, n: int, s: MemorySettings) -> int:
+    """Bytes one decoder layer's attention block saves (input norm excluded)."""
+    d = DTYPE_BYTES[s.dtype]
+    total = d * n * (w.q + w.k + w.v + w.out) + 4 * n * w.heads  # SDPA: q, k, v, out, logsumexp
+    if w.q_norm_rows:
+        total += _rms_norm(n, w.q, w.q_norm_rows) + _rms_norm(n, w.k, w.k_norm_rows)
+    return total + lora_input_activations(model, plan, n, s)
+
+
+def lora_input_activations(model: nn.Module, plan: AdapterPlan, n: int, s: MemorySettings) -> int:
+    """Attention LoRA: each projection keeps its input cast to the adapter dtype, and x A^T.
+
+    Without a cast (adapter dtype = base dtype) q, k and v read one saved tensor.
+    """
+    arch = architecture_for(model)
+    attention = arch.attention_module(arch.decoder_layers(model)[0])
+    inputs = {name: getattr(attention, name).weight.shape[1] for name in plan.attention_modules}
+    a = DTYPE_BYTES[s.adapter_dtype]
+    total = a * n * plan.rank * len(inputs)
+    if s.adapter_dtype != s.dtype:
+        return total + a * n * sum(inputs.values())
+    shared = max((width for name, width in inputs.items() if name != "o_proj"), default=0)
+    return total + a * n * (shared + inputs.get("o_proj", 0))
+
+
+def router_activations(model: nn.Module, plan: AdapterPlan, n: int, s: MemorySettings) -> int:
+    """Bytes one MoE layer's router saves: softmax, top-k, renormalisation, router LoRA."""
+    arch = architecture_for(model)
+    cfg = model.config
+    experts, k = arch.num_experts(cfg), arch.top_k(cfg)
+    d = DTYPE_BYTES[s.dtype]
+    total = 4 * n * experts + 8 * n * k
+    if getattr(cfg, "norm_topk_prob", True):
+        total += 4 * n * (k + 1)
+    if plan.router_rank is not None:
+        total += d * n * cfg.hidden_size + d * experts * cfg.hidden_size
+    return total
+
+
+def expert_activations(
+    plan: AdapterPlan, shapes: dict, rows: float, hot_rows: float, hidden: int, s: MemorySettings
+) -> float:
+    """Bytes one MoE layer's routed experts save on `rows` routed rows, `hot_rows` of them adapted."""
+    d, a = DTYPE_BYTES[s.dtype], DTYPE_BYTES[s.adapter_dtype]
+    two_i = shapes["gate_up_proj"][0]
+    inter = shapes["down_proj"][1]
+    total = 2 * 8 * rows + d * rows * (two_i + inter + hidden + 1)
+    if not plan.expert_modules or hot_rows == 0:
+        return total
+    total += 8 * hot_rows
+    for name in plan.expert_modules:
+        out_features, in_features = shapes[name]
+        total += a * hot_rows * in_features + d * hot_rows * out_features
+        if plan.expert_adapter != "full":
+            rank = plan.allocated_expert_rank
+            total += a * hot_rows * (rank + -rank % max(1, 16 // a))  # grouped_mm pads x A^T rows to 16 B
+    return total
+
+
+def shared_expert_activations(model: nn.Module, moe, plan: AdapterPlan, n: int, s: MemorySettings) -> int:
+    """Bytes a shared-expert MLP saves: gate, up and activation outputs, LoRA inputs when adapted."""
+    if moe.shared is None:
+        return 0
+    d, a = DTYPE_BYTES[s.dtype], DTYPE_BYTES[s.adapter_dtype]
+    width = moe.shared.down_proj.weight.shape[1]
+    total = 3 * d * n * width
+    for name in plan.shared_expert_modules:
+        total += a * n * (getattr(moe.shared, name).weight.shape[1] + plan.rank)
+    return total
+
+
+def dense_mlp_activations(layer: nn.Module, n: int, s: MemorySettings) -> int:
+    """A dense (non-MoE) MLP layer, frozen: gate, up and activation outputs."""
+    mlp = getattr(layer, "mlp", None)
+    down = getattr(mlp, "down_proj", None)
+    return 3 * DTYPE_BYTES[s.dtype] * n * down.weight.shape[1] if down is not None else 0
+
+
+def hot_row_shares(plan: AdapterPlan, shares: torch.Tensor, layers: list[int]) -> dict[int, float]:
+    """Per MoE layer, the share of routed rows that land on its adapted experts."""
+    hot = plan.hot_experts()
+    return {index: float(shares[slot, hot.get(index, [])].sum()) for slot, index in enumerate(layers)}
+
+
+def layer_activations(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: MemorySettings) -> list[float]:
+    """Saved bytes of each decoder layer without checkpointing."""
+    arch = architecture_for(model)
+    w = attention_widths(model)
+    n, k = s.tokens, arch.top_k(model.config)
+    moe_layers = {moe.index: moe for moe in arch.moe_layers(model)}
+    hot_share = hot_row_shares(plan, shares, list(moe_layers))
+    result = []
+    for index, layer in enumerate(arch.decoder_layers(model)):
+        total = (_rms_norm(n, w.hidden) if index > 0 else 0) + _rms_norm(n, w.hidden)
+        total += attention_activations(model, plan, w, n, s)
+        moe = moe_layers.get(index)
+        if moe is None:
+            total += dense_mlp_activations(layer, n, s)
+        else:
+            rows = n * k
+            shapes = arch.expert_shapes(moe.experts)
+            total += router_activations(model, plan, n, s)
+            total += expert_activations(plan, shapes, rows, rows * hot_share[index], w.hidden, s)
+            total += shared_expert_activations(model, moe, plan, n, s)
+        result.append(total)
+    return result
+
+
+def head_activations(w: Widths, s: MemorySettings) -> int:
+    """Final norm, fp32 log-probs and labels for the loss, RoPE's cos and sin."""
+    n = s.tokens
+    return _rms_norm(n, w.hidden) + 4 * n * w.vocab + 8 * n + 2 * s.seq_len * w.head_dim * DTYPE_BYTES[s.dtype]
+
+
+def activation_bytes(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: MemorySettings) -> dict:
+    """Saved activations with and without checkpointing, and the largest layer's (for the recompute)."""
+    layers = layer_activations(model, plan, shares, s)
+    w = attention_widths(model)
+    head = head_activations(w, s)
+    checkpointed = len(layers) * DTYPE_BYTES[s.dtype] * s.tokens * w.hidden
+    return {
+        "plain": round(sum(layers) + head),
+        "checkpointed": round(checkpointed + head),
+        "largest_layer": round(max(layers, default=0)),
+        "head": head,
+    }
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def _figure(value: int, how: str, label: str) -> dict:
+    return {"label": label, "value": int(value), "unit": "bytes", "how": how}
+
+
+def _sharded(value: int, ranks: int) -> int:
+    return math.ceil(value / ranks)
+
+
+def memory_report(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: MemorySettings) -> dict:
+    """The memory breakdown of one rank's training step (`shares`: [MoE layers, E] selection shares)."""
+    arch = architecture_for(model)
+    kept = _kept_16bit(model)
+    d, a, ranks = DTYPE_BYTES[s.dtype], DTYPE_BYTES[s.adapter_dtype], s.fsdp
+    held, trainable = adapter_elements(model, plan)
+    mask_bytes = trainable if plan.lori is not None else 0
+    weights = weight_bytes(model, s, kept)
+    adapters = a * held + mask_bytes + adapter_buffer_bytes(plan)
+    acts = activation_bytes(model, plan, shares, s)
+    activations = acts["checkpointed"] if s.gradient_checkpointing else acts["plain"]
+    w = attention_widths(model)
+    rows = s.tokens * arch.top_k(model.config)
+    moe_layers = arch.moe_layers(model)
+    expert_grads = 0
+    if moe_layers:
+        shapes = arch.expert_shapes(moe_layers[0].experts)
+        expert_grads = d * rows * (shapes["gate_up_proj"][0] + shapes["down_proj"][1] + w.hidden)
+    dequantized = d * largest_quantized_tensor(model, s, kept)
+    recompute = acts["largest_layer"] if s.gradient_checkpointing else 0
+    loss_peak = 8 * s.tokens * w.vocab
+    layer_peak = expert_grads + recompute + dequantized
+    gathered = 0
+    if ranks > 1:
+        root = weight_bytes(model, s, kept) - sum(weight_bytes(layer, s, kept) for layer in arch.decoder_layers(model))
+        largest = max(weight_bytes(layer, s, kept) for layer in arch.decoder_layers(model))
+        gathered = root + largest
+    ckpt = "with" if s.gradient_checkpointing else "without"
+    quant = {
+        "none": f"{d} B/param",
+        "nf4": "NF4: ceil(n/2) + 4 ceil(n/64) + 64 B per 2D+ weight",
+        "nf4-dq": "NF4 + double quant: ceil(n/2) + ceil(n/64) + 4 ceil(n/16384) + 1092 B per 2D+ weight",
+    }
+    shard = f" / {ranks} ranks" if ranks > 1 else ""
+    figures = {
+        "weights": _figure(
+            _sharded(weights, ranks),
+            quant[s.quantization] + f"; embeddings, lm_head, norms at {d} B" + shard,
+            "base weights",
+        ),
+        "adapters": _figure(
+            _sharded(adapters, ranks),
+            f"{held:,} adapter elements x {a} B (+ LoRI masks 1 B, expert maps int64)" + shard,
+            "adapter tensors",
+        ),
+        "gradients": _figure(
+            _sharded(a * trainable, ranks),
+            f"{trainable:,} trainable elements x {a} B; base frozen" + shard,
+            "gradients",
+        ),
+        "optimizer": _figure(
+            _sharded(2 * a * trainable, ranks),
+            f"AdamW exp_avg + exp_avg_sq at {a} B each, no master copy" + shard,
+            "optimizer state",
+        ),
+        "activations_no_checkpointing": _figure(
+            acts["plain"],
+            f"saved for backward, {s.batch_size} x {s.seq_len} tokens per rank, all layers",
+            "activations, no checkpointing",
+        ),
+        "activations_checkpointing": _figure(
+            acts["checkpointed"],
+            f"each layer's input {d} N H + final norm, log-probs 4 N V, labels, RoPE",
+            "activations, checkpointing",
+        ),
+        "activations": _figure(activations, f"the step as set: {ckpt} gradient checkpointing", "activations"),
+        "transient_loss": _figure(
+            loss_peak, "two fp32 [N, V] gradients in the log-softmax backward, 8 N V", "transient: logits and loss"
+        ),
+        "transient_layer": _figure(
+            layer_peak,
+            "one layer's backward: expert-path gradients d S (3I + H)"
+            + (" + its recomputed activations" if recompute else "")
+            + (" + the largest weight dequantized" if dequantized else ""),
+            "transient: one layer's backward",
+        ),
+        "transient_dequantized": _figure(
+            dequantized, f"largest quantized weight at {d} B (part of the layer term)", "of which: dequantized weight"
+        ),
+        "fsdp_gathered": _figure(
+            gathered,
+            "root unit (embeddings, lm_head, norm) + the largest decoder layer, gathered at stored bytes",
+            "FSDP gathered parameters",
+        ),
+    }
+    persistent = sum(figures[key]["value"] for key in ("weights", "adapters", "gradients", "optimizer"))
+    peak = persistent + activations + max(loss_peak, layer_peak) + gathered
+    figures["total"] = _figure(
+        peak,
+        "weights + adapters + gradients + optimizer + activations + the larger transient + FSDP gathered",
+        "predicted peak per rank",
+    )
+    return {"settings": asdict(s), "figures": figures, "notes": memory_notes(s)}
+
+
+def memory_notes(s: MemorySettings) -> list[str]:
+    notes = ["Not counted: the CUDA context and library workspaces (about 0.5-1 GiB) and allocator fragmentation."]
+    if s.quantization != "none":
+        notes.append(
+            "NF4 covers every 2D+ weight but the embeddings and lm_head, fused experts included; "
+            "dequantizing a whole fused experts tensor at once is the transient counted."
+        )
+    if s.fsdp > 1:
+        notes.append("FSDP with backward prefetch can hold a second decoder layer gathered; not counted.")
+    return notes
+
+
+__all__ = [
+    "MemorySettings",
+    "activation_bytes",
+    "adapter_elements",
+    "memory_report",
+    "nf4_bytes",
+]
