@@ -118,13 +118,17 @@ def real_data(task: str, tokenizer: str) -> dict:
     }  # fmt: skip
 
 
-def callbacks(method: str, real: bool) -> list[dict]:
+# A router adapter's rank cannot exceed the router's outputs (the number of experts).
+REAL_ROUTER_RANK = {"mixtral-8x7b": 8}
+
+
+def callbacks(method: str, real: bool, backbone: str = "") -> list[dict]:
+    injection = {"method": method, "rank": 32 if real else 8, "alpha": 64 if real else 16}
+    if real and backbone in REAL_ROUTER_RANK and METHOD_DEFAULTS[method].router:
+        injection["router_rank"] = REAL_ROUTER_RANK[backbone]
     found = [
         {"class_path": "hellora_pl.RoutingProfilerCallback", "init_args": {"fraction": 0.1, "watch_every_n_steps": 200 if real else 20}},
-        {
-            "class_path": "hellora_pl.HotExpertInjectionCallback",
-            "init_args": {"method": method, "rank": 32 if real else 8, "alpha": 64 if real else 16},
-        },
+        {"class_path": "hellora_pl.HotExpertInjectionCallback", "init_args": injection},
     ]  # fmt: skip
     if method in COMPANIONS:
         found.append(COMPANIONS[method](real))
@@ -133,14 +137,14 @@ def callbacks(method: str, real: bool) -> list[dict]:
     return found
 
 
-def trainer(run_dir: str, method: str, real: bool) -> dict:
+def trainer(run_dir: str, method: str, real: bool, backbone: str = "") -> dict:
     logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": run_dir, "name": "hellora"}}
     if real:
         return {
             "accelerator": "gpu", "devices": 1, "precision": "bf16-mixed",
             "max_epochs": 3, "accumulate_grad_batches": 4, "val_check_interval": 0.25,
             "gradient_clip_val": 1.0, "log_every_n_steps": 10,
-            "default_root_dir": run_dir, "logger": logger, "callbacks": callbacks(method, real),
+            "default_root_dir": run_dir, "logger": logger, "callbacks": callbacks(method, real, backbone),
         }  # fmt: skip
     return {
         "accelerator": "cpu", "devices": 1, "max_steps": 60, "val_check_interval": 20, "check_val_every_n_epoch": None,
@@ -169,7 +173,7 @@ def real_config(backbone: str, method: str, task: str) -> dict:
     run_dir = f"runs/{backbone}/{method}_{task}"
     return {
         "seed_everything": 0,
-        "trainer": trainer(run_dir, method, real=True),
+        "trainer": trainer(run_dir, method, real=True, backbone=backbone),
         "model": {
             "backbone": {**source, "dtype": "bfloat16"},
             "learning_rate": 2e-4 if method != "esft" else 1e-5,
@@ -211,6 +215,39 @@ TWIN = {
 }
 
 
+def qlora(body: dict) -> dict:
+    """The same run on a 4-bit (NF4) base: Mixtral-8x7B fits one 80 GB GPU this way."""
+    body["model"]["backbone"]["quantization"] = "nf4"
+    return body
+
+
+QLORA_HEADER = (
+    "# HELLoRA on Mixtral-8x7B with its frozen base in 4 bits (NF4: experts, attention, routers), for one\n"
+    "# 80 GB GPU. `python -m hellora_pl.budget --shape mixtral-8x7b --method hellora --rank 32 --router-rank 8\n"
+    "# --hot-k 2 --memory --quantization nf4 --batch-size 1 --seq-len 2048 --gradient-checkpointing` predicts\n"
+    "# a 32.67 GB peak (not yet measured on a GPU). Written by configs/generate.py; edit that instead.\n"
+)
+
+
+def qlora_files() -> dict[Path, str]:
+    real = qlora(real_config("mixtral-8x7b", "hellora", "math"))
+    twin = qlora(tiny_config("mixtral", "hellora", "math"))
+    twin["trainer"]["default_root_dir"] = twin["trainer"]["logger"]["init_args"]["save_dir"] = "runs/tiny/mixtral/qlora_hellora_math"
+    real["trainer"]["default_root_dir"] = real["trainer"]["logger"]["init_args"]["save_dir"] = "runs/mixtral-8x7b/qlora_hellora_math"
+    real_path, twin_path = "configs/mixtral-8x7b/qlora_hellora_math.yaml", "configs/tiny/mixtral/qlora_hellora_math.yaml"
+    run = "#   python -m hellora_pl fit --config {}\n"
+    return {
+        ROOT / "mixtral-8x7b" / "qlora_hellora_math.yaml": QLORA_HEADER
+        + f"# Its tiny twin runs on CPU: {twin_path}\n"
+        + run.format(real_path)
+        + yaml.safe_dump(real, sort_keys=False),
+        ROOT / "tiny" / "mixtral" / "qlora_hellora_math.yaml": "# Tiny twin of the 4-bit Mixtral HELLoRA run: random weights, NF4 base, CPU.\n"
+        + "# Written by configs/generate.py; edit that instead.\n"
+        + run.format(twin_path)
+        + yaml.safe_dump(twin, sort_keys=False),
+    }
+
+
 def expected_files() -> dict[Path, str]:
     files = {
         ROOT / "tiny" / backbone / f"{method}_{task}.yaml": render(backbone, method, task, real=False)
@@ -226,6 +263,7 @@ def expected_files() -> dict[Path, str]:
             for task in TASKS
         }
     )
+    files.update(qlora_files())
     return files
 
 

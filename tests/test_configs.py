@@ -21,8 +21,8 @@ def test_generated_configs_are_up_to_date():
         [sys.executable, str(REPO / "configs" / "generate.py"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert len(TINY) == 7 * 6 * 3  # backbone families x methods x tasks
-    assert len(REAL) == 5 * 6 * 3  # checkpoints x methods x tasks
+    assert len(TINY) == 7 * 6 * 3 + 1  # backbone families x methods x tasks, and the 4-bit Mixtral twin
+    assert len(REAL) == 5 * 6 * 3 + 1  # checkpoints x methods x tasks, and 4-bit Mixtral HELLoRA
 
 
 @pytest.mark.parametrize("path", REAL, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -51,7 +51,7 @@ def test_tiny_twin_fits(tmp_path, path, shared_data, monkeypatch):
     )  # fmt: skip
     cli.trainer.fit(cli.model, cli.datamodule)
     plan = injection_callback(cli.trainer).plan
-    assert plan.method == path.stem.removesuffix("_math")
+    assert plan.method == path.stem.removesuffix("_math").removeprefix("qlora_")
     assert injected_hot_experts(cli.model.model) == plan.hot_experts()
     assert (tmp_path / "hellora" / "version_0" / "hellora" / "plan.json").is_file()
     assert cli.trainer.global_step == 3
