@@ -80,6 +80,20 @@ class HelloraModule(LightningModule):
             stages = ("val", "test") if getattr(datamodule, "evaluate_in_validation", False) else ("test",)
             self.benchmark = BenchmarkRunner(task, datamodule.generation, tokenizer, stages)
 
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy, shard the backbone with FSDP2 (after the callbacks injected adapters)."""
+        if self._device_mesh is None:
+            return  # any other strategy: nothing to do here
+        from .sharding import shard_backbone
+
+        mesh = self._device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "HelloraModule shards with FSDP only: use ModelParallelStrategy(data_parallel_size=<devices>, "
+                "tensor_parallel_size=1)."
+            )
+        shard_backbone(self.model, mesh["data_parallel"] if mesh.mesh_dim_names else mesh)
+
     # -- steps ---------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_started = time.perf_counter()

@@ -22,7 +22,8 @@ def test_generated_configs_are_up_to_date():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(TINY) == 7 * 6 * 3 + 1  # backbone families x methods x tasks, and the 4-bit Mixtral twin
-    assert len(REAL) == 5 * 6 * 3 + 1  # checkpoints x methods x tasks, and 4-bit Mixtral HELLoRA
+    generated = [path for path in REAL if path.parent.name != "fsdp"]  # configs/fsdp is written by hand
+    assert len(generated) == 5 * 6 * 3 + 1  # checkpoints x methods x tasks, and 4-bit Mixtral HELLoRA
 
 
 @pytest.mark.parametrize("path", REAL, ids=lambda p: f"{p.parent.name}/{p.stem}")

@@ -21,6 +21,7 @@ from ..adapters import (
 from ..adapters.methods import method_defaults
 from ..kernels.dispatch import IMPLEMENTATIONS, ExpertKernel
 from ..routing import HotExpertPolicy
+from ..sharding import full_tensors, is_sharded, save_adapter_tensors, shard_like
 from .logging import log_scalars, log_text
 from .protocol import backbone_of
 from .routing_profiler import RoutingProfilerCallback
@@ -166,13 +167,18 @@ class HotExpertInjectionCallback(Callback):
         plan = AdapterPlan.from_dict(state["plan"])
         model = self._model = backbone_of(pl_module, self.model_attribute)
         if plan != self.plan:
+            if is_sharded(model):
+                raise ValueError(
+                    "The checkpoint's plan differs from the one made for this run, and the model is already "
+                    "sharded, so adapters cannot be swapped; resume with the same data and profiling settings."
+                )
             if is_injected(model):
                 rank_zero_info("[hellora] the checkpoint's plan replaces the one made for this run")
                 remove_adapters(model)
             inject_adapters(model, plan, self.expert_kernel)
             self.plan = plan
             self._announce()
-        load_adapter_weights(model, state["adapters"])
+        load_adapter_weights(model, shard_like(state["adapters"], adapter_state_dict(model)))
 
     def _check_output_dir(self, trainer: Trainer) -> None:
         existing = self.directory(trainer) / "plan.json"
@@ -229,6 +235,11 @@ class HotExpertInjectionCallback(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if self.plan is None:
             return
+        if is_sharded(self._model):
+            # Lightning's sharded load asks the checkpoint for every key of the model, so a sharded
+            # checkpoint keeps the whole state dict (each rank writes its own slice).
+            self._save(trainer)
+            return
         adapter_keys = {f"{self.model_attribute}.{name}" for name in adapter_state_dict(self._model)}
         trainable = {name for name, param in pl_module.named_parameters() if param.requires_grad}
         checkpoint["state_dict"] = {
@@ -239,16 +250,25 @@ class HotExpertInjectionCallback(Callback):
         self._save(trainer)
 
     def _adapter_copies(self) -> dict:
-        """Adapter tensors by their names in the backbone, on CPU (checkpoints hold copies)."""
-        return {name: t.detach().cpu().clone() for name, t in adapter_state_dict(self._model).items()}
+        """Whole adapter tensors by their names in the backbone, on CPU (checkpoints hold copies).
+
+        Gathers FSDP shards, so under a sharding strategy every rank must call it.
+        """
+        return full_tensors(adapter_state_dict(self._model))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.plan is not None:
             self._save(trainer)
 
     def _save(self, trainer) -> None:
+        directory = self.directory(trainer)  # on every rank: trainer.log_dir broadcasts
+        if not is_sharded(self._model):
+            if trainer.is_global_zero:
+                save_adapter(directory, self._model, self.plan)
+            return
+        tensors = self._adapter_copies()  # a collective: every rank gathers, rank 0 writes
         if trainer.is_global_zero:
-            save_adapter(self.directory(trainer), self._model, self.plan)
+            save_adapter_tensors(directory, tensors, self.plan)
 
 
 def trainable_summary(plan: AdapterPlan) -> str:

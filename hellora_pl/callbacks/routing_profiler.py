@@ -74,7 +74,9 @@ class RoutingProfilerCallback(Callback):
         start = time.perf_counter()
         with RoutingRecorder(model) as recorder, torch.no_grad():
             recorder.armed = True
-            for _, batch in zip(range(num_batches), loader):
+            for index, batch in zip(range(num_batches), loader):
+                if index % trainer.world_size != trainer.global_rank:
+                    continue  # each rank profiles its share, so the summed counts are the one-process counts
                 batch = move_data_to_device(batch, device)
                 mask = batch.get("attention_mask")
                 recorder.set_token_mask(mask)
