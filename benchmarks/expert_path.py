@@ -49,7 +49,7 @@ from transformers import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
 
 from hellora_pl.adapters.experts import EXPERT_ADAPTER_ATTR, ExpertLoRA, expert_adapter
-from hellora_pl.kernels.reference import ExpertRouting, adapted_experts_forward, grouped_mm, lora_update
+from hellora_pl.kernels.reference import ExpertRouting, _gate, adapted_experts_forward, grouped_mm, unsort_rows
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 LORA_SCALE = 2.0  # alpha / r with alpha = 2r, for ours and PEFT alike
@@ -224,22 +224,7 @@ def ours_params(lora: ExpertLoRA) -> list[torch.Tensor]:
     return [p for name in PROJECTIONS for p in (lora.lora_A[name], lora.lora_B[name])]
 
 
-# -- prototypes of changes to hellora_pl/kernels/reference.py (measured here, not shipped) -----
-
-
-class _Unsort(torch.autograd.Function):
-    """rows[inverse]: back to (token, k) order. Backward is the gather grad[perm]; autograd's own
-    backward of a gather is an accumulating index_put, and index_copy saves its whole source."""
-
-    @staticmethod
-    def forward(ctx, rows, perm, inverse):
-        ctx.save_for_backward(perm)
-        return rows.index_select(0, inverse)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (perm,) = ctx.saved_tensors
-        return grad.index_select(0, perm), None, None
+# -- a prototype of a change to hellora_pl/kernels/reference.py (measured here, not shipped) ------
 
 
 class _HotLoRAProjection(torch.autograd.Function):
@@ -275,53 +260,31 @@ class _HotLoRAProjection(torch.autograd.Function):
         return grad_x, None, grad_a, grad_b, None, None, None, None
 
 
-def prototype_forward(fused: bool) -> Callable:
-    """The reference expert path with the changes proposed for it.
+def hand_written_backward_forward(experts, hidden_states, top_k_index, top_k_weights):
+    """The reference expert path with each adapted projection's backward written by hand
+    (`_HotLoRAProjection`); everything else is the reference's own pieces."""
+    lora = expert_adapter(experts)
+    num_tokens, top_k = top_k_index.shape
+    routing = ExpertRouting.build(top_k_index, experts.gate_up_proj.shape[0], lora)
 
-    Both: unsort the rows with `_Unsort` (index_copy saves its whole [T*k, H] source for backward;
-    `_Unsort` saves indices only and its backward is a gather too) and add the LoRA update into
-    the base output in place (out-of-place index_add copies the output).
-    `fused`: the projection's backward is written by hand (`_HotLoRAProjection`).
-    """
+    def project(name: str, x: torch.Tensor) -> torch.Tensor:
+        weight = getattr(experts, name)
+        x = x.to(weight.dtype)
+        if lora is None or name not in lora.projections or routing.hot_rows.numel() == 0:
+            return grouped_mm(x, weight.transpose(-2, -1), routing.offsets)
+        a, b = lora.lora_A[name], lora.effective_B(name)
+        assert (a.shape[1] * a.element_size()) % 16 == 0, "the prototype does not pad the rank"
+        args = (routing.offsets, routing.hot_rows, routing.hot_offsets, lora.scale)
+        return _HotLoRAProjection.apply(x, weight, a, b, *args)
 
-    def forward(experts, hidden_states, top_k_index, top_k_weights):
-        lora = expert_adapter(experts)
-        num_tokens, top_k = top_k_index.shape
-        routing = ExpertRouting.build(top_k_index, experts.gate_up_proj.shape[0], lora)
-        inverse = torch.empty_like(routing.perm)
-        inverse[routing.perm] = torch.arange(routing.perm.numel(), device=routing.perm.device)
-
-        def project(name: str, x: torch.Tensor) -> torch.Tensor:
-            weight = getattr(experts, name)
-            x = x.to(weight.dtype)
-            if lora is None or name not in lora.projections or routing.hot_rows.numel() == 0:
-                return grouped_mm(x, weight.transpose(-2, -1), routing.offsets)
-            a, b = lora.lora_A[name], lora.effective_B(name)
-            if fused:
-                assert (a.shape[1] * a.element_size()) % 16 == 0, "the prototype does not pad the rank"
-                args = (routing.offsets, routing.hot_rows, routing.hot_offsets, lora.scale)
-                return _HotLoRAProjection.apply(x, weight, a, b, *args)
-            out = grouped_mm(x, weight.transpose(-2, -1), routing.offsets)
-            return out.index_add_(0, routing.hot_rows, lora_update(lora, name, x, routing).to(out.dtype))
-
-        gate_up = project("gate_up_proj", hidden_states[routing.token_of_row])
-        if hasattr(experts, "_apply_gate"):
-            hidden = experts._apply_gate(gate_up)
-        else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            hidden = experts.act_fn(gate) * up
-        out = project("down_proj", hidden)
-        out = out * top_k_weights.reshape(-1)[routing.perm].unsqueeze(-1).to(out.dtype)
-        unsorted = _Unsort.apply(out, routing.perm, inverse)
-        return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
-
-    return forward
+    hidden = _gate(experts, project("gate_up_proj", hidden_states[routing.token_of_row]))
+    out = project("down_proj", hidden)
+    out = out * top_k_weights.reshape(-1)[routing.perm].unsqueeze(-1).to(out.dtype)
+    return unsort_rows(out, routing.perm).view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
-PROTOTYPES = {
-    "proto HELLoRA: gather unsort, in-place add": prototype_forward(fused=False),
-    "proto HELLoRA: + hand-written LoRA backward": prototype_forward(fused=True),
-}
+# The unsort-by-gather and in-place LoRA add measured here earlier now ship in the reference.
+PROTOTYPES = {"proto HELLoRA: hand-written LoRA backward": hand_written_backward_forward}
 
 
 # -- variants ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from hellora_pl.adapters.experts import expert_adapter  # noqa: E402
 from hellora_pl.backbones import BackboneConfig, load_backbone  # noqa: E402
 from hellora_pl.backbones.tiny import TINY_CONFIGS  # noqa: E402
 from hellora_pl.datamodules import EpochShuffleSampler  # noqa: E402
@@ -31,6 +32,26 @@ def shared_data() -> Path:
 
 def tiny_olmoe(seed: int = 0, **overrides):
     return load_backbone(BackboneConfig(model_type="olmoe", config={**TINY_OLMOE, **overrides}, seed=seed))
+
+
+def naive_experts_forward(experts, hidden, top_k_index, top_k_weights):
+    """Oracle of the adapted expert path: loop over (token, k), each hot expert's weights W + scale * B_eff A.
+
+    Free of grouped_mm's 16-byte stride rule, so sizes can be prime.
+    """
+    lora = expert_adapter(experts)
+    out = torch.zeros_like(hidden)
+    for t in range(hidden.shape[0]):
+        for j in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, j])
+            w_gu, w_d = experts.gate_up_proj[e], experts.down_proj[e]
+            if lora is not None and int(lora.slot_of_expert[e]) >= 0:
+                s = int(lora.slot_of_expert[e])
+                w_gu = w_gu + lora.scale * lora.effective_B("gate_up_proj")[s] @ lora.lora_A["gate_up_proj"][s]
+                w_d = w_d + lora.scale * lora.effective_B("down_proj")[s] @ lora.lora_A["down_proj"][s]
+            gate, up = (w_gu @ hidden[t]).chunk(2)
+            out[t] += top_k_weights[t, j] * (w_d @ (torch.nn.functional.silu(gate) * up))
+    return out
 
 
 @pytest.fixture

@@ -3,28 +3,11 @@
 import pytest
 import torch
 
-from conftest import TINY_OLMOE, tiny_olmoe
+from conftest import TINY_OLMOE, naive_experts_forward, tiny_olmoe
 from hellora_pl.adapters import AdapterPlan, ExpertLoRA, LayerPlan, adapter_state_dict, inject_adapters
 from hellora_pl.adapters.experts import EXPERT_ADAPTER_ATTR
 from hellora_pl.backbones import BackboneConfig, load_backbone
 from hellora_pl.kernels import adapted_experts_forward
-
-
-def naive_experts_forward(experts, hidden, top_k_index, top_k_weights):
-    """Loop over (token, k); each expert's weights are W + scale * B A when it is hot."""
-    lora = getattr(experts, "hellora_lora", None)
-    out = torch.zeros_like(hidden)
-    for t in range(hidden.shape[0]):
-        for j in range(top_k_index.shape[1]):
-            e = int(top_k_index[t, j])
-            w_gu, w_d = experts.gate_up_proj[e], experts.down_proj[e]
-            if lora is not None and int(lora.slot_of_expert[e]) >= 0:
-                s = int(lora.slot_of_expert[e])
-                w_gu = w_gu + lora.scale * lora.effective_B("gate_up_proj")[s] @ lora.lora_A["gate_up_proj"][s]
-                w_d = w_d + lora.scale * lora.effective_B("down_proj")[s] @ lora.lora_A["down_proj"][s]
-            gate, up = (w_gu @ hidden[t]).chunk(2)
-            out[t] += top_k_weights[t, j] * (w_d @ (torch.nn.functional.silu(gate) * up))
-    return out
 
 
 def experts_with_lora(hot, num_tokens=23, top_k=2, seed=0, rank=4, active_ranks=None, lori=False, **config):

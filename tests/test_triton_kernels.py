@@ -29,6 +29,7 @@ pytest.importorskip("triton")
 from transformers import OlmoeConfig  # noqa: E402
 from transformers.models.olmoe.modeling_olmoe import OlmoeExperts  # noqa: E402
 
+from conftest import naive_experts_forward  # noqa: E402
 from hellora_pl.adapters.experts import EXPERT_ADAPTER_ATTR, ExpertDelta, ExpertLoRA, expert_adapter  # noqa: E402
 from hellora_pl.kernels.reference import adapted_experts_forward  # noqa: E402
 from hellora_pl.kernels.triton_expert import (  # noqa: E402
@@ -217,24 +218,6 @@ def test_bf16_on_cuda_matches_reference(case):
     grads = check_against_reference(experts, lora, *rest, torch.bfloat16)
     if case in CASE_CHECKS:
         CASE_CHECKS[case](lora, grads)
-
-
-def naive_experts_forward(experts, hidden, top_k_index, top_k_weights):
-    """Loop over (token, k) with W + scale * B_eff A on hot experts: an oracle free of grouped_mm's
-    16-byte stride rule, so sizes can be prime."""
-    lora = expert_adapter(experts)
-    out = torch.zeros_like(hidden)
-    for t in range(hidden.shape[0]):
-        for j in range(top_k_index.shape[1]):
-            e = int(top_k_index[t, j])
-            w_gu, w_d = experts.gate_up_proj[e], experts.down_proj[e]
-            if lora is not None and int(lora.slot_of_expert[e]) >= 0:
-                s = int(lora.slot_of_expert[e])
-                w_gu = w_gu + lora.scale * lora.effective_B("gate_up_proj")[s] @ lora.lora_A["gate_up_proj"][s]
-                w_d = w_d + lora.scale * lora.effective_B("down_proj")[s] @ lora.lora_A["down_proj"][s]
-            gate, up = (w_gu @ hidden[t]).chunk(2)
-            out[t] += top_k_weights[t, j] * (w_d @ (torch.nn.functional.silu(gate) * up))
-    return out
 
 
 def test_prime_sizes_match_naive_loop():

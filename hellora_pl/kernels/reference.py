@@ -101,6 +101,13 @@ class _Unsort(torch.autograd.Function):
         return grad.index_select(0, perm), None, None
 
 
+def unsort_rows(rows: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Expert-sorted rows back to flat (token, k) order (`perm`: sorted row -> flat index)."""
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return _Unsort.apply(rows, perm, inverse)
+
+
 def _gate(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     if hasattr(experts, "_apply_gate"):
         return experts._apply_gate(gate_up)
@@ -128,7 +135,4 @@ def adapted_experts_forward(
     out = _project(experts, "down_proj", hidden, routing, lora)
     out = out * top_k_weights.reshape(-1)[routing.perm].unsqueeze(-1).to(out.dtype)
     # Back to (token, k) order and sum over k: deterministic, unlike index_add on CUDA.
-    inverse = torch.empty_like(routing.perm)
-    inverse[routing.perm] = torch.arange(routing.perm.numel(), device=routing.perm.device)
-    unsorted = _Unsort.apply(out, routing.perm, inverse)
-    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+    return unsort_rows(out, routing.perm).view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
