@@ -214,3 +214,17 @@ def test_four_bit_tiny_mixtral_trains_with_every_method(tmp_path, method):
     after = {name.replace(".base_layer.", "."): t for name, t in quantized_storage(model).items()}
     assert after.keys() == storage.keys() and all(torch.equal(storage[n], after[n]) for n in storage)
     assert set(quantized_bytes(model)) == {"experts", "attention", "router"}
+
+
+def test_triton_entry_falls_back_to_the_torch_path_for_4bit_experts(monkeypatch):
+    """The Triton kernels read dense weights: on a 4-bit layer its entry runs the reference instead."""
+    pytest.importorskip("triton")
+    triton_expert = pytest.importorskip("hellora_pl.kernels.triton_expert")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # so Triton counts as runnable and the 4-bit check decides
+    experts, _, _, hidden, index, weights = quantized_experts([0, 3], 2)
+    assert "4-bit" in (triton_expert.triton_unsupported_reason(experts, hidden) or "")
+    with torch.no_grad():
+        got = triton_expert.triton_adapted_experts_forward(experts, hidden, index, weights)
+        want = adapted_experts_forward(experts, hidden, index, weights)
+    assert torch.equal(got, want)

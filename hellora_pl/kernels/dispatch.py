@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 from typing import Literal
 
-import torch
 from transformers import PreTrainedModel
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -44,19 +43,14 @@ def triton_forward_or_raise():
     return forward
 
 
-def _dense_experts(experts) -> bool:
-    """4-bit experts (hellora_pl.quant) have no Triton path yet; they take the torch reference."""
-    return isinstance(experts.gate_up_proj, torch.Tensor)
-
-
 def _auto_forward(experts, hidden_states, top_k_index, top_k_weights):
-    forward = _triton_forward() if hidden_states.is_cuda and _dense_experts(experts) else None
+    forward = _triton_forward() if hidden_states.is_cuda else None
     return (forward or adapted_experts_forward)(experts, hidden_states, top_k_index, top_k_weights)
 
 
 def _triton_only_forward(experts, hidden_states, top_k_index, top_k_weights):
-    forward = triton_forward_or_raise() if _dense_experts(experts) else adapted_experts_forward
-    return forward(experts, hidden_states, top_k_index, top_k_weights)
+    # The Triton entry itself falls back to the reference for layers it does not cover (4-bit experts, ESFT, ...).
+    return triton_forward_or_raise()(experts, hidden_states, top_k_index, top_k_weights)
 
 
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATIONS["auto"], _auto_forward)

@@ -84,6 +84,8 @@ def triton_unsupported_reason(experts: nn.Module, hidden_states: torch.Tensor) -
     if _custom_gate(experts) or not _is_silu(getattr(experts, "act_fn", None)):
         return "the activation is not SwiGLU with SiLU"
     weights = (experts.gate_up_proj, experts.down_proj)
+    if not all(isinstance(w, torch.Tensor) for w in weights):
+        return "4-bit expert weights (hellora_pl.quant): the kernels read dense weights"
     if any(w.dtype not in _DTYPES for w in weights) or hidden_states.dtype not in _DTYPES:
         return "dtype other than fp32, fp16 or bf16"
     if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
