@@ -216,15 +216,15 @@ def test_four_bit_tiny_mixtral_trains_with_every_method(tmp_path, method):
     assert set(quantized_bytes(model)) == {"experts", "attention", "router"}
 
 
-def test_triton_entry_falls_back_to_the_torch_path_for_4bit_experts(monkeypatch):
-    """The Triton kernels read dense weights: on a 4-bit layer its entry runs the reference instead."""
+def test_triton_entry_runs_4bit_experts(monkeypatch):
+    """The Triton entry dequantizes the routed experts itself: on a 4-bit layer it matches the torch path."""
     pytest.importorskip("triton")
     triton_expert = pytest.importorskip("hellora_pl.kernels.triton_expert")
     if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # so Triton counts as runnable and the 4-bit check decides
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # so Triton can run here (its CPU interpreter)
     experts, _, _, hidden, index, weights = quantized_experts([0, 3], 2)
-    assert "4-bit" in (triton_expert.triton_unsupported_reason(experts, hidden) or "")
+    assert triton_expert.triton_unsupported_reason(experts, hidden) is None
     with torch.no_grad():
         got = triton_expert.triton_adapted_experts_forward(experts, hidden, index, weights)
         want = adapted_experts_forward(experts, hidden, index, weights)
-    assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

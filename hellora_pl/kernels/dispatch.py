@@ -49,7 +49,7 @@ def _auto_forward(experts, hidden_states, top_k_index, top_k_weights):
 
 
 def _triton_only_forward(experts, hidden_states, top_k_index, top_k_weights):
-    # The Triton entry itself falls back to the reference for layers it does not cover (4-bit experts, ESFT, ...).
+    # The Triton entry itself falls back to the reference for layers it does not cover (ESFT, LoRA dropout, ...).
     return triton_forward_or_raise()(experts, hidden_states, top_k_index, top_k_weights)
 
 

@@ -24,10 +24,19 @@ pre-activation [rows, 2I] in the base dtype, and the shrinks x A^T and h A^T [ho
 plus the int32 routing metadata. The frozen weights are not saved: the context keeps a plain
 reference to the module's parameters, and their gradient is never computed.
 
+4-bit experts (`hellora_pl.quant.NF4Weight`): the kernels read dense weights, so each projection
+dequantizes the experts that receive rows, alone and in x's dtype, into a fresh stack
+[used experts, out, in] just before its kernel and drops it right after; the block table then
+numbers experts within that stack (`build_routing(compact=True)`; the whole stack in one call
+when every expert has rows). Nothing dense is saved or kept in the context: the backward
+dequantizes the same experts again (QLoRA's recompute), the down projection for dgu and, when dX
+is needed, gate_up. At most one projection's dense experts exist at a time.
+
 Falls back to the torch reference for what it does not cover: ESFT's `ExpertDelta`, LoRA dropout
 while training, experts with a custom `_apply_gate` or an activation other than SiLU, biased or transposed
-weights, frozen weights that require a gradient, dtypes other than fp32/fp16/bf16, and when
-Triton cannot run (no CUDA tensors and no TRITON_INTERPRET=1).
+weights, frozen weights that require a gradient, quantized storage other than a dense tensor or
+one with `dequantize(index, dtype)`, dtypes other than fp32/fp16/bf16, and when Triton cannot run
+(no CUDA tensors and no TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -73,6 +82,11 @@ def _custom_gate(experts: nn.Module) -> bool:
     return gate is not None and getattr(gate, "__name__", "") != "_default_apply_gate"
 
 
+def _quantized(weight) -> bool:
+    """4-bit storage of an expert stack (`hellora_pl.quant.NF4Weight`): read through `dequantize`."""
+    return not isinstance(weight, torch.Tensor) and callable(getattr(weight, "dequantize", None))
+
+
 def triton_unsupported_reason(experts: nn.Module, hidden_states: torch.Tensor) -> str | None:
     """Why the Triton path cannot run this layer (the reference then does), or None."""
     if not triton_available():
@@ -84,11 +98,11 @@ def triton_unsupported_reason(experts: nn.Module, hidden_states: torch.Tensor) -
     if _custom_gate(experts) or not _is_silu(getattr(experts, "act_fn", None)):
         return "the activation is not SwiGLU with SiLU"
     weights = (experts.gate_up_proj, experts.down_proj)
-    if not all(isinstance(w, torch.Tensor) for w in weights):
-        return "4-bit expert weights (hellora_pl.quant): the kernels read dense weights"
+    if not all(isinstance(w, torch.Tensor) or _quantized(w) for w in weights):
+        return "expert weights neither dense tensors nor dequantizable storage (hellora_pl.quant.NF4Weight)"
     if any(w.dtype not in _DTYPES for w in weights) or hidden_states.dtype not in _DTYPES:
         return "dtype other than fp32, fp16 or bf16"
-    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+    if torch.is_grad_enabled() and any(getattr(w, "requires_grad", False) for w in weights):
         return "the expert weights require a gradient (the Triton path never computes dW)"
     lora = expert_adapter(experts)
     if lora is not None:
@@ -113,6 +127,10 @@ class TritonRouting:
     blocks [n_blocks, 4] int32: expert, hot slot (-1 = cold), first row, end of the expert's rows;
     every block lies inside one expert and the hot blocks come first. slots [n_hot, 2] int32: the
     rows of each hot slot. Built once; both projections and the backward reuse it.
+
+    With `compact`, the expert column indexes `used_experts` (the experts with rows, ascending)
+    rather than all experts, so a weight stack holding those experts alone serves; `used_experts`
+    stays None when every expert has rows (or without `compact`), and the column is the expert.
     """
 
     tok: torch.Tensor  # int32 [rows]: sorted row -> token
@@ -123,6 +141,8 @@ class TritonRouting:
     num_hot_blocks: int
     num_hot_rows: int
     block_m: int
+    num_used: int  # experts with at least one row
+    used_experts: torch.Tensor | None = None
 
 
 def _block_m(num_rows: int, num_experts: int) -> int:
@@ -133,9 +153,16 @@ def _block_m(num_rows: int, num_experts: int) -> int:
 
 
 def build_routing(
-    top_k_index: torch.Tensor, num_experts: int, hot_experts: torch.Tensor | None, block_m: int | None = None
+    top_k_index: torch.Tensor,
+    num_experts: int,
+    hot_experts: torch.Tensor | None,
+    block_m: int | None = None,
+    compact: bool = False,
 ) -> TritonRouting:
-    """Sort the (token, k) pairs by expert, hot experts (in slot order) first, and cut them into blocks."""
+    """Sort the (token, k) pairs by expert, hot experts (in slot order) first, and cut them into blocks.
+
+    `compact`: number the experts in the block table among the used ones only (see TritonRouting).
+    """
     device = top_k_index.device
     top_k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
@@ -158,16 +185,22 @@ def build_routing(
     blocks_end = torch.cumsum(blocks_per, 0)
     hot_end = num_hot - 1 if num_hot else 0
     zero = torch.zeros((), dtype=ends.dtype, device=device)
-    sizes = torch.stack([blocks_end[-1], blocks_end[hot_end] if num_hot else zero, ends[hot_end] if num_hot else zero])
-    num_blocks, num_hot_blocks, num_hot_rows = sizes.tolist()  # the one host sync
+    used = counts[position] > 0  # by expert id
+    sizes = torch.stack(
+        [blocks_end[-1], blocks_end[hot_end] if num_hot else zero, ends[hot_end] if num_hot else zero, used.sum()]
+    )
+    num_blocks, num_hot_blocks, num_hot_rows, num_used = sizes.tolist()  # the one host sync
     block_position = torch.repeat_interleave(
         torch.arange(num_experts, device=device), blocks_per, output_size=num_blocks
     )
     within = torch.arange(num_blocks, device=device) - (blocks_end - blocks_per)[block_position]
     slot = torch.where(block_position < num_hot, block_position, torch.full_like(block_position, -1))
-    blocks = torch.stack(
-        [order[block_position], slot, starts[block_position] + within * block_m, ends[block_position]], dim=1
-    )
+    expert = order[block_position]
+    used_experts = None
+    if compact and num_used < num_experts:
+        used_experts = torch.argsort((~used).to(torch.int8), stable=True)[:num_used]  # ascending, no host sync
+        expert = (torch.cumsum(used, 0) - 1)[expert]  # expert id -> its place among the used experts
+    blocks = torch.stack([expert, slot, starts[block_position] + within * block_m, ends[block_position]], dim=1)
     slots = torch.stack([starts[:num_hot], ends[:num_hot]], dim=1)
     return TritonRouting(
         tok=(perm // top_k).to(torch.int32),
@@ -178,6 +211,8 @@ def build_routing(
         num_hot_blocks=num_hot_blocks,
         num_hot_rows=num_hot_rows,
         block_m=block_m,
+        num_used=num_used,
+        used_experts=used_experts,
     )
 
 
@@ -186,15 +221,28 @@ def build_routing(
 
 @dataclass
 class _LayerArgs:
-    """Everything the forward and backward share that is neither differentiated nor saved."""
+    """Everything the forward and backward share that is neither differentiated nor saved.
 
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
+    The frozen weights are references: the module's parameters, or its 4-bit storage (NF4Weight),
+    which `_dense_experts` dequantizes anew each time a kernel needs it.
+    """
+
+    w_gate_up: torch.Tensor | nn.Module
+    w_down: torch.Tensor | nn.Module
     routing: TritonRouting
     ranks: torch.Tensor  # int32 [n_hot]: active rank per hot slot (the full rank without DR-LoRA)
     rank: int  # allocated rank
     scale: float
     top_k: int
+
+
+def _dense_experts(weight: torch.Tensor | nn.Module, routing: TritonRouting, dtype: torch.dtype) -> torch.Tensor:
+    """The expert stack the kernels read: the dense parameter itself, or for 4-bit storage a fresh
+    dequantization in `dtype` of the experts with rows (all of them, in one call, when all have rows),
+    laid out as the block table's compact expert column expects."""
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return weight.dequantize(routing.used_experts, dtype=dtype)
 
 
 def _dtypes(base: torch.dtype, *factors: torch.Tensor | None):
@@ -226,15 +274,16 @@ def _forward(x, top_k_weights, a1, b1, a2, b2, args: _LayerArgs, save: bool):
         _shrink(K, x, rt.tok, a1, (a1.stride(0), a1.stride(1), a1.stride(2)), args, s1, lora_dt, prec)
     h = torch.empty(rows, intermediate, device=x.device, dtype=x.dtype)
     gu = torch.empty(rows, 2 * intermediate, device=x.device, dtype=x.dtype) if save else None
+    w = _dense_experts(args.w_gate_up, rt, x.dtype)
     K.gate_up_forward(
-        x, rt.tok, args.w_gate_up, s1, b1, args.ranks, rt.blocks, rt.num_blocks, h, gu, args.scale, rt.block_m,
-        lora_dt, prec,
+        x, rt.tok, w, s1, b1, args.ranks, rt.blocks, rt.num_blocks, h, gu, args.scale, rt.block_m, lora_dt, prec,
     )  # fmt: skip
+    del w  # 4-bit: the dequantized gate_up goes before down is dequantized
     if a2 is not None:
         s2 = torch.empty(rt.num_hot_rows, args.rank, **f32)
         _shrink(K, h, None, a2, (a2.stride(0), a2.stride(1), a2.stride(2)), args, s2, lora_dt, prec)
     pairs = torch.empty(rows, hidden, device=x.device, dtype=x.dtype)
-    w = args.w_down
+    w = _dense_experts(args.w_down, rt, x.dtype)
     K.grouped_gemm(
         h, w, (w.stride(0), w.stride(1), w.stride(2)), s2, b2, None if b2 is None else (b2.stride(0), b2.stride(1), b2.stride(2)),
         args.rank, args.ranks, rt.blocks, rt.num_blocks, rt.pair, top_k_weights.reshape(-1), pairs, args.scale,
@@ -256,7 +305,7 @@ class _AdaptedExperts(torch.autograd.Function):
     def forward(ctx, x, top_k_weights, a1, b1, a2, b2, args: _LayerArgs):
         out, (gu, s1, s2) = _forward(x, top_k_weights, a1, b1, a2, b2, args, save=True)
         ctx.save_for_backward(x, top_k_weights, a1, b1, a2, b2, gu, s1, s2)
-        ctx.args = args  # holds references to W, not saved copies
+        ctx.args = args  # holds references to W (or its 4-bit storage), not saved copies
         return out
 
     @staticmethod
@@ -284,10 +333,12 @@ class _AdaptedExperts(torch.autograd.Function):
         dgu = torch.empty(rows, 2 * intermediate, device=dev, dtype=x.dtype)
         h_hot = torch.empty(rt.num_hot_rows, intermediate, device=dev, dtype=x.dtype) if need_a2 else None
         dtw_parts = torch.empty(K.down_backward_tiles(intermediate), rows, **f32)
+        w = _dense_experts(args.w_down, rt, x.dtype)  # 4-bit: dequantized again, not saved
         K.down_backward(
-            dy, rt.tok, args.w_down, p2, a2, args.ranks, rt.blocks, rt.num_blocks, rt.pair, flat_tw, gu, dgu, h_hot,
+            dy, rt.tok, w, p2, a2, args.ranks, rt.blocks, rt.num_blocks, rt.pair, flat_tw, gu, dgu, h_hot,
             dtw_parts, args.scale, rt.block_m, lora_dt, prec,
         )  # fmt: skip
+        del w
         if need_tw:
             dtw = dtw_parts.sum(0).view_as(tw).to(tw.dtype)
         if need_b2:  # dB[s] = scale * sum_rows (w dY[tok])^T (h A^T): [n_hot, H, r]
@@ -311,7 +362,7 @@ class _AdaptedExperts(torch.autograd.Function):
             p1 = torch.empty(rt.num_hot_rows, args.rank, **f32)
             _shrink(K, dgu, None, b1, (b1.stride(0), b1.stride(2), b1.stride(1)), args, p1, lora_dt, prec)
         if need_x:
-            w = args.w_gate_up  # [E, 2I, H] read as (e, n=H, k=2I)
+            w = _dense_experts(args.w_gate_up, rt, x.dtype)  # [E, 2I, H] read as (e, n=H, k=2I)
             pairs = torch.empty(rows, hidden, device=dev, dtype=x.dtype)
             K.grouped_gemm(
                 dgu, w, (w.stride(0), w.stride(2), w.stride(1)), p1, a1,
@@ -358,7 +409,7 @@ def triton_adapted_experts_forward(
             factors[name] = (lora.lora_A[name], lora.effective_B(name))
         active = lora.lora_active_rank
         ranks = active if active is not None else torch.full((lora.num_hot,), rank, device=x.device)
-    routing = build_routing(top_k_index, w_gate_up.shape[0], hot)
+    routing = build_routing(top_k_index, w_gate_up.shape[0], hot, compact=_quantized(w_gate_up))
     if ranks is None:
         ranks = torch.ones(1, device=x.device)
     args = _LayerArgs(
