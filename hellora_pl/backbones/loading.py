@@ -21,7 +21,8 @@ class BackboneConfig:
     Give `pretrained` (a hub id or a local directory) to load weights, or `model_type` plus
     `config` fields to build a randomly initialised model from a config (seeded, offline).
     With `pretrained`, `config` holds overrides applied to the loaded config. `quantization`
-    ("nf4", "nf4-dq" or None) stores the frozen base in 4 bits (hellora_pl.quant, needs bitsandbytes).
+    ("nf4", "nf4-dq" or None) stores the frozen base in 4 bits (hellora_pl.quant, needs bitsandbytes);
+    a pretrained model is quantized tensor by tensor as it loads, never held whole in 16 bits.
     """
 
     pretrained: str | None = None
@@ -49,7 +50,9 @@ def load_backbone(cfg: BackboneConfig) -> PreTrainedModel:
     from ..quant.nf4 import check_quantization
 
     quantize = check_quantization(cfg.quantization)  # fail before loading anything
-    model = _from_pretrained(cfg, dtype) if cfg.pretrained is not None else _from_config(cfg, dtype)
+    if cfg.pretrained is not None:
+        return _from_pretrained(cfg, dtype)  # quantizes tensor by tensor while loading
+    model = _from_config(cfg, dtype)
     if quantize:
         from ..quant import quantize_model
 
@@ -86,8 +89,7 @@ def _from_pretrained(cfg: BackboneConfig, dtype: torch.dtype) -> PreTrainedModel
         source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **cfg.config
     )
     arch = architecture_for(config)
-    return AutoModelForCausalLM.from_pretrained(
-        source,
+    kwargs = dict(
         config=config,
         dtype=dtype,
         attn_implementation=cfg.attn_implementation,
@@ -95,3 +97,20 @@ def _from_pretrained(cfg: BackboneConfig, dtype: torch.dtype) -> PreTrainedModel
         trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision,
     )
+    if cfg.quantization not in (None, "none"):
+        if getattr(config, "quantization_config", None):
+            method = _quant_method(config.quantization_config)
+            raise ValueError(
+                f"{source!r} is already quantized ({method}); hellora_pl quantizes a 16-bit checkpoint itself. "
+                "Give the 16-bit checkpoint, or set quantization to null."
+            )
+        from ..quant.loading import load_quantized
+
+        return load_quantized(source, cfg.quantization, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+def _quant_method(quantization_config) -> str:
+    if isinstance(quantization_config, dict):
+        return str(quantization_config.get("quant_method"))
+    return str(getattr(quantization_config, "quant_method", quantization_config))

@@ -7,6 +7,8 @@ Adapters injected afterwards are ordinary bf16/fp32 tensors on top.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -16,89 +18,129 @@ from .nf4 import BLOCKSIZE, NF4Dequantize, NF4Linear, NF4Weight, check_quantizat
 QUANTIZED_ATTR = "hellora_quantization"
 
 
-def quantize_model(model: nn.Module, quantization: str | None, blocksize: int = BLOCKSIZE) -> dict[str, int]:
-    """Replace the base's large frozen tensors by NF4 storage, layer by layer; returns bytes before and after.
+@dataclass(frozen=True)
+class QuantTarget:
+    """One frozen base tensor that 4-bit storage replaces.
 
-    Each dense tensor is dropped as soon as its NF4 copy exists, so peak memory grows by one
-    tensor, not one model. The fused experts then run hellora's torch expert path (the only one
-    that reads NF4 experts so far).
+    `name` is the tensor's name in the model's state dict. `kind` says how it is swapped:
+    "linear" (the nn.Linear `attr` of `owner` becomes an NF4Linear), "router" (the bare weight of
+    the router `owner`, reached through a parametrization) or "experts" (the fused tensor `attr`
+    of the experts module `owner`).
     """
-    if not check_quantization(quantization):
-        return {"bytes_before": 0, "bytes_after": 0}
-    if getattr(model, QUANTIZED_ATTR, None):
-        raise RuntimeError(f"This model is already quantized ({getattr(model, QUANTIZED_ATTR)}).")
+
+    name: str
+    owner: nn.Module
+    attr: str
+    kind: str
+    role: str
+
+
+def quantization_targets(model: nn.Module) -> list[QuantTarget]:
+    """Attention projections, shared-expert linears, routers and fused experts, in layer order.
+
+    Works on a model on the meta device too (the loader asks before any weight exists).
+    """
     arch = architecture_for(model)
     if not arch.fused:
         raise NotImplementedError(
             f"{arch.name} keeps its experts in an nn.ModuleList; NF4 quantization handles fused experts "
             "([E, out, in] tensors, transformers 5) only so far. Set quantization to null for this model."
         )
-    double_quant = quantization == "nf4-dq"
+    module_names = {id(module): name for name, module in model.named_modules()}
     moe_by_layer = {moe.index: moe for moe in arch.moe_layers(model)}
-    before = after = 0
+    targets: list[QuantTarget] = []
 
-    def swap_linear(parent: nn.Module, name: str, role: str) -> None:
-        nonlocal before, after
-        linear = getattr(parent, name, None)
-        if not isinstance(linear, nn.Linear) or isinstance(linear, NF4Linear):
-            return
-        before += linear.weight.numel() * linear.weight.element_size()
-        quantized = NF4Linear(linear, double_quant, blocksize, role)
-        setattr(parent, name, quantized)
-        after += quantized.weight_nf4.nbytes()
+    def add(owner: nn.Module, attr: str, kind: str, role: str) -> None:
+        tensor_owner = getattr(owner, attr) if kind == "linear" else owner
+        tensor_attr = "weight" if kind in ("linear", "router") else attr
+        name = f"{module_names[id(tensor_owner)]}.{tensor_attr}"
+        targets.append(QuantTarget(name, owner, attr, kind, role))
+
+    def add_linears(parent: nn.Module, names, role: str) -> None:
+        for name in names:
+            if isinstance(getattr(parent, name, None), nn.Linear):
+                add(parent, name, "linear", role)
 
     for index, layer in enumerate(arch.decoder_layers(model)):
-        attention = arch.attention_module(layer)
-        for name in arch.attention_projections:
-            swap_linear(attention, name, "attention")
+        add_linears(arch.attention_module(layer), arch.attention_projections, "attention")
         moe = moe_by_layer.get(index)
         if moe is None:
             continue
         if moe.shared is not None:
-            for name in arch.shared_expert_projections:
-                swap_linear(moe.shared, name, "shared_experts")
+            add_linears(moe.shared, arch.shared_expert_projections, "shared_experts")
         if isinstance(moe.router, nn.Linear):
-            swap_linear(moe.block, arch.router, "router")
+            add(moe.block, arch.router, "linear", "router")
         else:
-            b, a = _quantize_router(moe.router, double_quant, blocksize)
-            before, after = before + b, after + a
-        b, a = _quantize_experts(moe.experts, arch.expert_projections, double_quant, blocksize)
-        before, after = before + b, after + a
+            add(moe.router, "weight", "router", "router")
+        if getattr(moe.experts, "has_bias", False) or getattr(moe.experts, "is_transposed", False):
+            raise NotImplementedError(
+                f"{type(moe.experts).__name__} stores biased or transposed expert weights, which NF4 experts "
+                "do not handle yet. Set quantization to null for this model."
+            )
+        for name in arch.expert_projections:
+            add(moe.experts, name, "experts", "experts")
+    return targets
+
+
+def quantize_model(
+    model: nn.Module,
+    quantization: str | None,
+    blocksize: int = BLOCKSIZE,
+    prequantized: dict[str, NF4Weight] | None = None,
+) -> dict[str, int]:
+    """Replace the base's large frozen tensors by NF4 storage, one tensor at a time; returns bytes before and after.
+
+    Each dense tensor is dropped as soon as its NF4 copy exists, so peak memory grows by one
+    tensor, not one model. `prequantized` maps state-dict names to NF4 weights made while loading
+    (`hellora_pl.quant.loading`); those targets hold only placeholders and take the given weight.
+    The fused experts then run hellora's adapted expert path (torch, or Triton on CUDA).
+    """
+    if not check_quantization(quantization):
+        return {"bytes_before": 0, "bytes_after": 0}
+    if getattr(model, QUANTIZED_ATTR, None):
+        raise RuntimeError(f"This model is already quantized ({getattr(model, QUANTIZED_ATTR)}).")
+    double_quant = quantization == "nf4-dq"
+    prequantized = dict(prequantized or {})
+    before = after = 0
+    for target in quantization_targets(model):
+        if target.kind == "router" and parametrize.is_parametrized(target.owner, "weight"):
+            raise RuntimeError("Quantize the model before injecting adapters: this router is already parametrized.")
+        dense = _dense_tensor(target)
+        quantized = prequantized.pop(target.name, None)
+        if quantized is None:
+            quantized = NF4Weight(dense, double_quant, blocksize, target.role)
+        before += quantized.numel() * quantized.dtype.itemsize
+        after += quantized.nbytes()
+        _install(target, quantized, dense)
+    if prequantized:
+        raise RuntimeError(f"Quantized weights without a place in the model: {sorted(prequantized)[:5]}")
 
     from ..kernels import use_adapted_experts
 
-    use_adapted_experts(model, "torch")
+    use_adapted_experts(model, "auto")
     setattr(model, QUANTIZED_ATTR, quantization)
     return {"bytes_before": before, "bytes_after": after}
 
 
-def _quantize_router(router: nn.Module, double_quant: bool, blocksize: int) -> tuple[int, int]:
-    if parametrize.is_parametrized(router, "weight"):
-        raise RuntimeError("Quantize the model before injecting adapters: this router is already parametrized.")
-    weight = router.weight
-    quantized = NF4Weight(weight, double_quant, blocksize, "router")
-    before = weight.numel() * weight.element_size()
-    # The placeholder keeps parametrize's bookkeeping; the storage lives in the parametrization.
-    del router.weight
-    router.weight = nn.Parameter(weight.new_empty(0, dtype=quantized.packed.dtype), requires_grad=False)
-    parametrize.register_parametrization(router, "weight", NF4Dequantize(quantized), unsafe=True)
-    return before, quantized.nbytes()
+def _dense_tensor(target: QuantTarget):
+    if target.kind == "linear":
+        return getattr(target.owner, target.attr).weight
+    return getattr(target.owner, target.attr)
 
 
-def _quantize_experts(experts: nn.Module, names, double_quant: bool, blocksize: int) -> tuple[int, int]:
-    if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
-        raise NotImplementedError(
-            f"{type(experts).__name__} stores biased or transposed expert weights, which NF4 experts do not handle yet."
-        )
-    before = after = 0
-    for name in names:
-        weight = getattr(experts, name)
-        quantized = NF4Weight(weight, double_quant, blocksize, "experts")
-        before += weight.numel() * weight.element_size()
-        delattr(experts, name)
-        setattr(experts, name, quantized)
-        after += quantized.nbytes()
-    return before, after
+def _install(target: QuantTarget, quantized: NF4Weight, dense) -> None:
+    if target.kind == "linear":
+        linear = getattr(target.owner, target.attr)
+        setattr(target.owner, target.attr, NF4Linear(linear, weight_nf4=quantized))
+    elif target.kind == "router":
+        router = target.owner
+        del router.weight
+        # The placeholder keeps parametrize's bookkeeping; the storage lives in the parametrization.
+        router.weight = nn.Parameter(dense.new_empty(0, dtype=quantized.packed.dtype), requires_grad=False)
+        parametrize.register_parametrization(router, "weight", NF4Dequantize(quantized), unsafe=True)
+    else:
+        delattr(target.owner, target.attr)
+        setattr(target.owner, target.attr, quantized)
 
 
 def quantized_bytes(model: nn.Module) -> dict[str, dict[str, float]]:

@@ -26,6 +26,8 @@ from ..kernels.reference import grouped_mm
 
 QUANTIZATIONS = ("nf4", "nf4-dq")
 BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256  # bitsandbytes' block of absmax values under double quantization
+CHUNK_VALUES = 1 << 22  # values per bitsandbytes call while quantizing (8 MB of bf16)
 
 
 def _functional():
@@ -59,6 +61,25 @@ def check_quantization(quantization: str | None) -> bool:
     return True
 
 
+def _quantize_in_chunks(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed NF4 codes and fp32 absmax of `weight`, flat, quantized CHUNK_VALUES at a time.
+
+    bitsandbytes' CPU kernel holds about 7x its input in temporaries; chunks whole blocks at a
+    time give the same codes with that overhead bounded by one chunk instead of a fused expert
+    tensor (7x 1.9 GB for one Mixtral-8x7B layer's gate_up).
+    """
+    flat = weight.reshape(-1)
+    step = max(CHUNK_VALUES // blocksize, 1) * blocksize
+    packed, absmax = [], []
+    for start in range(0, flat.numel(), step):
+        codes, state = _functional().quantize_4bit(
+            flat[start : start + step].contiguous(), blocksize=blocksize, compress_statistics=False, quant_type="nf4"
+        )
+        packed.append(codes.reshape(-1))
+        absmax.append(state.absmax.float())
+    return torch.cat(packed), torch.cat(absmax)
+
+
 class NF4Weight(nn.Module):
     """A frozen weight [out, in] or expert stack [E, out, in] held in NF4 (optionally double-quantized).
 
@@ -76,21 +97,22 @@ class NF4Weight(nn.Module):
                 f"NF4 needs each matrix's size to be a multiple of the block size {blocksize}; "
                 f"{role or 'a weight'} of shape {tuple(weight.shape)} is not."
             )
-        packed, state = _functional().quantize_4bit(
-            weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
-        )
+        packed, absmax = _quantize_in_chunks(weight, blocksize)
         self.shape = torch.Size(weight.shape)
         self.dtype = weight.dtype
         self.blocksize = blocksize
         self.double_quant = double_quant
         self.role = role
         self.register_buffer("packed", packed.view(stack, per_matrix // 2))
-        self.register_buffer("absmax", state.absmax.view(stack, per_matrix // blocksize))
-        if double_quant:
-            self.nested_blocksize = state.state2.blocksize
-            self.register_buffer("absmax_scale", state.state2.absmax)
-            self.register_buffer("absmax_offset", torch.as_tensor(state.offset, dtype=torch.float32).reshape(1))
-        else:
+        if double_quant:  # bitsandbytes' compress_statistics: absmax minus its mean, in 8 bits per 256 blocks
+            offset = absmax.mean()
+            nested, state = _functional().quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+            absmax = nested
+            self.nested_blocksize = state.blocksize
+            self.register_buffer("absmax_scale", state.absmax)
+            self.register_buffer("absmax_offset", offset.float().reshape(1))
+        self.register_buffer("absmax", absmax.view(stack, per_matrix // blocksize))
+        if not double_quant:
             self.nested_blocksize = None
             self.absmax_scale = self.absmax_offset = None
 
@@ -213,11 +235,18 @@ class NF4Linear(nn.Linear):
     in-place merge would, raises instead of silently changing nothing.
     """
 
-    def __init__(self, linear: nn.Linear, double_quant: bool = False, blocksize: int = BLOCKSIZE, role: str = ""):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        double_quant: bool = False,
+        blocksize: int = BLOCKSIZE,
+        role: str = "",
+        weight_nf4: NF4Weight | None = None,
+    ):
+        """Quantizes `linear.weight`, or takes `weight_nf4` made while loading (the weight is then a placeholder)."""
         nn.Module.__init__(self)
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.weight_nf4 = NF4Weight(linear.weight, double_quant, blocksize, role)
+        self.weight_nf4 = weight_nf4 if weight_nf4 is not None else NF4Weight(linear.weight, double_quant, blocksize, role)
+        self.out_features, self.in_features = self.weight_nf4.shape
         bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.register_parameter("bias", bias)
 
