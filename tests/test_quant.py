@@ -228,3 +228,32 @@ def test_triton_entry_runs_4bit_experts(monkeypatch):
         got = triton_expert.triton_adapted_experts_forward(experts, hidden, index, weights)
         want = adapted_experts_forward(experts, hidden, index, weights)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["4bit_to_16bit", "16bit_to_4bit"])
+def test_adapters_move_between_4bit_and_16bit_bases(tmp_path, direction):
+    """The router LoRA sits after the NF4 parametrization on a 4-bit router: saved names must not depend on it."""
+    from hellora_pl.adapters import build_plan, inject_adapters, load_adapter, save_adapter
+    from hellora_pl.adapters.planning import AllExperts
+    from hellora_pl.adapters.router import router_lora
+
+    source_q, target_q = ("nf4", None) if direction == "4bit_to_16bit" else (None, "nf4")
+    source = tiny_mixtral(source_q)
+    plan = build_plan(source, AllExperts(), None, rank=RANK, alpha=2 * RANK, router_rank=2)
+    inject_adapters(source, plan)
+    with torch.no_grad():
+        for tensor in adapter_state_dict(source).values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn_like(tensor))
+    save_adapter(tmp_path, source, plan)
+    target = tiny_mixtral(target_q)
+    load_adapter(target, tmp_path)
+
+    def router_deltas(model):
+        arch = architecture_for(model)
+        return [router_lora(moe.router).delta_weight().detach() for moe in arch.moe_layers(model)]
+
+    assert all(torch.equal(a, b) for a, b in zip(router_deltas(source), router_deltas(target), strict=True))
+    got = {n.split("parametrizations")[0] + n.rsplit(".", 1)[-1]: t for n, t in adapter_state_dict(target).items()}
+    want = {n.split("parametrizations")[0] + n.rsplit(".", 1)[-1]: t for n, t in adapter_state_dict(source).items()}
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -13,20 +14,35 @@ from .plan import AdapterPlan
 
 PLAN_FILE = "plan.json"
 ADAPTER_FILE = "adapter.safetensors"
+_PARAMETRIZATION_INDEX = re.compile(r"\.parametrizations\.weight\.\d+\.")
+
+
+def portable_name(name: str) -> str:
+    """An adapter tensor's name without the index of the router parametrization holding it.
+
+    A router LoRA is parametrization 0 on a 16-bit router and 1 on a 4-bit one (its NF4 storage
+    comes first), so adapters are saved and matched under this name: trained on a 4-bit base,
+    they load into the 16-bit base (to merge or evaluate) and back.
+    """
+    return _PARAMETRIZATION_INDEX.sub(".parametrizations.weight.", name)
 
 
 def save_adapter(directory: str | Path, model: nn.Module, plan: AdapterPlan) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in adapter_state_dict(model).items()}
+    tensors = {portable_name(name): t.detach().to("cpu").contiguous() for name, t in adapter_state_dict(model).items()}
     save_file(tensors, str(directory / ADAPTER_FILE), metadata={"format": "hellora_pl", "method": plan.method})
     plan.save(directory / PLAN_FILE)
     return directory
 
 
 def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors into an injected model; every adapter tensor must be given, and no other."""
-    expected = adapter_state_dict(model)
+    """Copy adapter tensors into an injected model; every adapter tensor must be given, and no other.
+
+    Names are compared as `portable_name`s, so a 4-bit model's adapters fit the 16-bit base.
+    """
+    expected = {portable_name(name): tensor for name, tensor in adapter_state_dict(model).items()}
+    tensors = {portable_name(name): tensor for name, tensor in tensors.items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
