@@ -46,10 +46,11 @@ transients   on top of the above, the largest of: the loss (two fp32 [N, V] grad
              the log-softmax backward, 8 N V); one layer's backward (its expert-path gradients
              d S (2I + I + H), plus with checkpointing that layer's recomputed activations, plus
              with nf4 the largest weight dequantized to d, a fused [E, 2I, H] experts tensor).
-FSDP (N ranks) weights, adapters, gradients and optimizer state are divided by N (rounded up);
-             activations are per rank; the root unit (embeddings, lm_head, final norm) stays
-             gathered for the step and one decoder layer is gathered at a time, each at its
-             stored bytes.
+FSDP (N ranks) weights, adapters, gradients and optimizer state are divided by N (rounded up),
+             except NF4 storage: it is held in buffers, which FSDP2 does not shard, so every
+             rank keeps all of it; activations are per rank; the root unit (embeddings,
+             lm_head, final norm) stays gathered for the step and one decoder layer's sharded
+             parameters are gathered at a time, each at its stored bytes.
 Not counted: the CUDA context and kernels' workspaces (cuBLAS, NCCL; about 0.5-1 GiB), allocator
 fragmentation, DeepSeek-MLA and ModuleList expert layouts in detail (counted as above, not
 validated), and attention with a T x T mask (padding or packing on the math kernel).
@@ -140,6 +141,13 @@ def tensor_bytes(param: torch.Tensor, settings: MemorySettings, kept: set[int]) 
 def weight_bytes(module: nn.Module, settings: MemorySettings, kept: set[int]) -> int:
     """Stored bytes of every parameter of `module` (each tensor once)."""
     return sum(tensor_bytes(p, settings, kept) for p in module.parameters())
+
+
+def replicated_bytes(module: nn.Module, settings: MemorySettings, kept: set[int]) -> int:
+    """Stored bytes FSDP2 does not shard: NF4 storage lives in buffers, and fully_shard shards parameters only."""
+    if settings.quantization == "none":
+        return 0
+    return sum(tensor_bytes(p, settings, kept) for p in module.parameters() if p.dim() >= 2 and id(p) not in kept)
 
 
 def largest_quantized_tensor(model: nn.Module, settings: MemorySettings, kept: set[int]) -> int:
@@ -373,6 +381,7 @@ def memory_report(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: 
     held, trainable = adapter_elements(model, plan)
     mask_bytes = trainable if plan.lori is not None else 0
     weights = weight_bytes(model, s, kept)
+    replicated = replicated_bytes(model, s, kept)
     adapters = a * held + mask_bytes + adapter_buffer_bytes(plan)
     acts = activation_bytes(model, plan, shares, s)
     activations = acts["checkpointed"] if s.gradient_checkpointing else acts["plain"]
@@ -389,9 +398,9 @@ def memory_report(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: 
     layer_peak = expert_grads + recompute + dequantized
     gathered = 0
     if ranks > 1:
-        root = weight_bytes(model, s, kept) - sum(weight_bytes(layer, s, kept) for layer in arch.decoder_layers(model))
-        largest = max(weight_bytes(layer, s, kept) for layer in arch.decoder_layers(model))
-        gathered = root + largest
+        layers = arch.decoder_layers(model)
+        sharded = [weight_bytes(layer, s, kept) - replicated_bytes(layer, s, kept) for layer in layers]
+        gathered = weights - replicated - sum(sharded) + max(sharded)  # the root unit + the largest layer
     ckpt = "with" if s.gradient_checkpointing else "without"
     quant = {
         "none": f"{d} B/param",
@@ -401,8 +410,15 @@ def memory_report(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: 
     shard = f" / {ranks} ranks" if ranks > 1 else ""
     figures = {
         "weights": _figure(
-            _sharded(weights, ranks),
-            quant[s.quantization] + f"; embeddings, lm_head, norms at {d} B" + shard,
+            _sharded(weights - replicated, ranks) + replicated,
+            quant[s.quantization]
+            + f"; embeddings, lm_head, norms at {d} B"
+            + shard
+            + (
+                " (NF4 storage whole on every rank: FSDP2 shards parameters, not buffers)"
+                if replicated and shard
+                else ""
+            ),
             "base weights",
         ),
         "adapters": _figure(
@@ -446,7 +462,7 @@ def memory_report(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: 
         ),
         "fsdp_gathered": _figure(
             gathered,
-            "root unit (embeddings, lm_head, norm) + the largest decoder layer, gathered at stored bytes",
+            "root unit (embeddings, lm_head, norm) + the largest decoder layer's sharded parameters, gathered",
             "FSDP gathered parameters",
         ),
     }

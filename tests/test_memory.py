@@ -15,7 +15,7 @@ from hellora_pl.adapters import build_plan, inject_adapters
 from hellora_pl.backbones.loading import BackboneConfig, load_backbone
 from hellora_pl.backbones.tiny import TINY_CONFIGS
 from hellora_pl.budget import main, selection_shares, uniform_profile
-from hellora_pl.memory import MemorySettings, activation_bytes, memory_report, nf4_bytes
+from hellora_pl.memory import MemorySettings, _kept_16bit, activation_bytes, memory_report, nf4_bytes, replicated_bytes
 from hellora_pl.routing import RoutingRecorder, TopKPerLayer
 
 B, T = 2, 32
@@ -137,6 +137,20 @@ def test_fsdp_halves_the_sharded_terms():
         assert two[key] == (one[key] + 1) // 2
     assert two["activations"] == one["activations"]  # per rank
     assert one["fsdp_gathered"] == 0 < two["fsdp_gathered"] < one["weights"]
+
+
+def test_fsdp_does_not_shard_nf4_storage():
+    """NF4 codes are buffers, which FSDP2 leaves whole (tests/test_fsdp.py measures it on 2 ranks)."""
+    model = tiny_model("mixtral")
+    plan = plan_for(model, "hellora")
+    shares = selection_shares(uniform_profile(model))
+    quantized = dict(batch_size=B, seq_len=T, dtype="bfloat16", quantization="nf4")
+    one = values(memory_report(model, plan, shares, MemorySettings(**quantized)))
+    two = values(memory_report(model, plan, shares, MemorySettings(**quantized, fsdp=2)))
+    nf4 = replicated_bytes(model, MemorySettings(**quantized), _kept_16bit(model))
+    assert 0 < nf4 < one["weights"]
+    assert two["weights"] == nf4 + (one["weights"] - nf4 + 1) // 2
+    assert two["adapters"] == (one["adapters"] + 1) // 2
 
 
 def test_nf4_bytes_follow_bitsandbytes():
