@@ -34,9 +34,14 @@ def plan_for(model, hot=((0, [1, 3]), (1, [0, 2, 5]))):
     )
 
 
-def adapted_model(kernel, seed=0):
+def adapted_model(kernel, seed=0, quantization=None):
     torch.manual_seed(seed)
     model = tiny_olmoe(vocab_size=64).eval()
+    if quantization:
+        pytest.importorskip("bitsandbytes")
+        from hellora_pl.quant import quantize_model
+
+        quantize_model(model, quantization)
     inject_adapters(model, plan_for(model), expert_kernel=kernel)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -70,13 +75,23 @@ def test_triton_where_it_cannot_run_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_whole_model_through_the_triton_seam_matches_torch():
-    """The model needs no other change: its fused experts call the Triton path through transformers."""
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+def test_whole_model_through_the_triton_seam_matches_torch(quantization):
+    """The model needs no other change: its fused experts (16-bit or 4-bit) call the Triton path through transformers."""
     pytest.importorskip("hellora_pl.kernels.triton_expert")
     dispatch._triton_forward.cache_clear()
     ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(0))
-    triton_model, torch_model = adapted_model("triton"), adapted_model("torch")
+    triton_model = adapted_model("triton", quantization=quantization)
+    torch_model = adapted_model("torch", quantization=quantization)
     assert expert_kernel_of(triton_model) == "triton"
+    from hellora_pl.backbones import architecture_for
+    from hellora_pl.kernels.triton_expert import triton_unsupported_reason
+
+    probe = torch.zeros(1, triton_model.config.hidden_size)
+    assert all(
+        triton_unsupported_reason(m.experts, probe) is None
+        for m in architecture_for(triton_model).moe_layers(triton_model)
+    )
     triton_logits = triton_model(input_ids=ids, use_cache=False).logits
     torch_logits = torch_model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(triton_logits, torch_logits, rtol=1e-4, atol=1e-4)
