@@ -27,6 +27,12 @@ def portable_name(name: str) -> str:
     return _PARAMETRIZATION_INDEX.sub(".parametrizations.weight.", name)
 
 
+def named_like(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter tensors read from a file, under the names the same adapters have in `model`."""
+    names = {portable_name(name): name for name in adapter_state_dict(model)}
+    return {names.get(portable_name(name), name): tensor for name, tensor in tensors.items()}
+
+
 def save_adapter(directory: str | Path, model: nn.Module, plan: AdapterPlan) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file
 
 from ..adapters import ADAPTER_FILE, PLAN_FILE, AdapterPlan, adapter_state_dict, count_plan_params
+from ..adapters.io import named_like
 from ..adapters.lori import GRANULARITIES, apply_lori_masks, compute_lori_masks, lori_B_tensors
 from .injection import injection_callback
 from .logging import log_scalars
@@ -105,7 +106,7 @@ class LoRIMaskCallback(Callback):
                 f"The dense run in {str(folder)!r} adapted other experts or modules than this run's plan; give "
                 "this run the same routing profile (RoutingProfilerCallback(profile_path=...)) or hot experts."
             )
-        dense = load_file(str(folder / ADAPTER_FILE))
+        dense = named_like(injection.model, load_file(str(folder / ADAPTER_FILE)))
         masks = compute_lori_masks(injection.model, self.density, self.granularity, source=dense)
         tensors = adapter_state_dict(injection.model)
         for name, tensor in tensors.items():
