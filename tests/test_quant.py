@@ -257,3 +257,22 @@ def test_adapters_move_between_4bit_and_16bit_bases(tmp_path, direction):
     got = {n.split("parametrizations")[0] + n.rsplit(".", 1)[-1]: t for n, t in adapter_state_dict(target).items()}
     want = {n.split("parametrizations")[0] + n.rsplit(".", 1)[-1]: t for n, t in adapter_state_dict(source).items()}
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_casting_a_4bit_model_changes_its_compute_dtype_not_its_scales():
+    """Lightning's bf16-true casts the whole module: NF4 scales must stay fp32 and the router follow the cast."""
+    model = tiny_mixtral("nf4", seed=3)
+    storage = {name: t.clone() for name, t in quantized_storage(model).items()}
+    weights = [w for w in model.modules() if isinstance(w, NF4Weight)]
+    dense = [w.dequantize() for w in weights]
+    ids = torch.randint(0, 30, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+        cast = model.to(torch.bfloat16)(ids).logits
+        assert cast.dtype == torch.bfloat16
+        assert (cast.float() - reference).abs().max() < 0.05 * reference.abs().max()
+        after = quantized_storage(model)
+        assert all(after[n].dtype == storage[n].dtype and torch.equal(after[n], storage[n]) for n in storage)
+        assert {w.dtype for w in weights} == {torch.bfloat16}
+        model.float()  # and back: the 4-bit weights dequantize exactly as before
+        assert all(w.dtype == torch.float32 and torch.equal(w.dequantize(), d) for w, d in zip(weights, dense))

@@ -120,6 +120,23 @@ class NF4Weight(nn.Module):
     def device(self) -> torch.device:
         return self.packed.device
 
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(device)` moves the storage; `.to(dtype)`, `.half()` and the like (Lightning's "bf16-true")
+        change only the compute dtype. The fp32 scales are moved as raw bytes, never cast: in bf16
+        they would lose precision, and a router would dequantize in a dtype its input no longer has."""
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        scales = [
+            name for name, buffer in self._buffers.items() if buffer is not None and buffer.dtype == torch.float32
+        ]
+        for name in scales:
+            self._buffers[name] = self._buffers[name].view(torch.int32)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name in scales:
+                self._buffers[name] = self._buffers[name].view(torch.float32)
+        return self
+
     @property
     def ndim(self) -> int:
         return len(self.shape)
@@ -245,7 +262,9 @@ class NF4Linear(nn.Linear):
     ):
         """Quantizes `linear.weight`, or takes `weight_nf4` made while loading (the weight is then a placeholder)."""
         nn.Module.__init__(self)
-        self.weight_nf4 = weight_nf4 if weight_nf4 is not None else NF4Weight(linear.weight, double_quant, blocksize, role)
+        self.weight_nf4 = (
+            weight_nf4 if weight_nf4 is not None else NF4Weight(linear.weight, double_quant, blocksize, role)
+        )
         self.out_features, self.in_features = self.weight_nf4.shape
         bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.register_parameter("bias", bias)
