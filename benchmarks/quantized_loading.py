@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, load_average, machine_info, markdown_table, text_table  # noqa: E402
+from _common import RESULTS_DIR, load_average, machine_info, markdown_table, text_table, write_results  # noqa: E402
 
 MODES = {
     "bf16": "from_pretrained in bf16, no quantization",
@@ -197,9 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         f"{mb(facts['largest_fused_tensor_bf16_bytes'])} MB; quantize-on-load peak is "
         f"{summary['quantize_on_load_peak_over_load_then_quantize_peak']:.2f}x load-then-quantize's"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"quantized_loading_{args.quantization}_{args.layers}layers"
-    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     markdown = "\n".join(
         [
             f"# Peak host memory loading a 4-bit ({args.quantization}) Mixtral-shaped model",
@@ -211,11 +209,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             f"Measure: {payload['measure']}.",
             "",
             markdown_table(headers, table),
-            "",
         ]
     )
-    (args.out / f"{stem}.md").write_text(markdown)
-    print(f"\nwrote {args.out / stem}.json and .md")
+    json_path, md_path = write_results(args.out, stem, payload, markdown)
+    print(f"\nwrote {json_path} and {md_path}")
     return payload
 
 
