@@ -105,3 +105,24 @@ def make_trainer(root, max_steps, callbacks, version=0, **kwargs):
         deterministic=True,
         **kwargs,
     )
+
+
+def tiny_twin_cli(config: Path, root: Path, *overrides: str):
+    """The CLI set up (not run) for a tiny twin config: 3 steps, small data, logs under `root`.
+
+    Run from the repo root: the twins name ../shared/data relative to it.
+    """
+    from hellora_pl.cli import HelloraCLI
+    from hellora_pl.module import HelloraModule
+
+    return HelloraCLI(
+        HelloraModule,
+        subclass_mode_data=True,
+        run=False,
+        args=[
+            "--config", str(config), *overrides,
+            "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+            "--data.init_args.train.limit=48", "--data.init_args.val_size=8",
+        ],
+    )  # fmt: skip

@@ -5,11 +5,10 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, tiny_twin_cli
 from hellora_pl.adapters import injected_hot_experts
 from hellora_pl.callbacks.injection import injection_callback
-from hellora_pl.cli import HelloraCLI, main
-from hellora_pl.module import HelloraModule
+from hellora_pl.cli import main
 
 TINY = sorted((REPO / "configs" / "tiny").glob("*/*.yaml"))
 TINY_MATH = [path for path in TINY if path.stem.endswith("_math")]
@@ -39,17 +38,7 @@ def test_real_config_parses(path, capsys):
 @pytest.mark.parametrize("path", TINY_MATH, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_tiny_twin_fits(tmp_path, path, shared_data, monkeypatch):
     monkeypatch.chdir(REPO)  # the twins name ../shared/data relative to the repo root
-    cli = HelloraCLI(
-        HelloraModule,
-        subclass_mode_data=True,
-        run=False,
-        args=[
-            "--config", str(path),
-            "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--data.init_args.train.limit=48", "--data.init_args.val_size=8",
-        ],
-    )  # fmt: skip
+    cli = tiny_twin_cli(path, tmp_path)
     cli.trainer.fit(cli.model, cli.datamodule)
     plan = injection_callback(cli.trainer).plan
     assert plan.method == path.stem.removesuffix("_math").removeprefix("qlora_")

@@ -1,7 +1,6 @@
 """A pretrained checkpoint is quantized tensor by tensor while transformers loads it."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -120,28 +119,17 @@ def test_the_qlora_config_fits_from_a_saved_checkpoint(tmp_path, shared_data, mo
     """The user's path: `fit --config ...qlora...yaml` with `model.backbone.pretrained` pointing at a checkpoint."""
     import yaml
 
-    from hellora_pl import HelloraModule
+    from conftest import REPO, tiny_twin_cli
     from hellora_pl.callbacks.injection import injection_callback
-    from hellora_pl.cli import HelloraCLI
     from hellora_pl.quant import quantized_bytes
 
-    repo = Path(__file__).resolve().parents[1]
-    config_path = repo / "configs" / "tiny" / "mixtral" / "qlora_hellora_math.yaml"
+    config_path = REPO / "configs" / "tiny" / "mixtral" / "qlora_hellora_math.yaml"
     backbone = yaml.safe_load(config_path.read_text())["model"]["backbone"]
     load_backbone(BackboneConfig(model_type="mixtral", config=backbone["config"])).save_pretrained(tmp_path / "base")
-    monkeypatch.chdir(repo)  # the config names ../shared/data relative to the repo root
-    cli = HelloraCLI(
-        HelloraModule,
-        subclass_mode_data=True,
-        run=False,
-        args=[
-            "--config", str(config_path),
-            f"--model.backbone.pretrained={tmp_path / 'base'}", "--model.backbone.model_type=null",
-            "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--data.init_args.train.limit=48", "--data.init_args.val_size=8",
-        ],
-    )  # fmt: skip
+    monkeypatch.chdir(REPO)  # the config names ../shared/data relative to the repo root
+    cli = tiny_twin_cli(
+        config_path, tmp_path, f"--model.backbone.pretrained={tmp_path / 'base'}", "--model.backbone.model_type=null"
+    )
     assert set(quantized_bytes(cli.model.model)) == {"experts", "attention", "router"}
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.global_step == 3
