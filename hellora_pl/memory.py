@@ -131,9 +131,14 @@ def _kept_16bit(model: nn.Module) -> set[int]:
     return kept
 
 
+def is_quantized(param: torch.Tensor, settings: MemorySettings, kept: set[int]) -> bool:
+    """Whether `settings` store this base tensor in NF4: every 2D+ weight but the embeddings and lm_head."""
+    return settings.quantization != "none" and param.dim() >= 2 and id(param) not in kept
+
+
 def tensor_bytes(param: torch.Tensor, settings: MemorySettings, kept: set[int]) -> int:
     """Stored bytes of one base tensor under `settings`."""
-    if settings.quantization != "none" and param.dim() >= 2 and id(param) not in kept:
+    if is_quantized(param, settings, kept):
         return nf4_bytes(param.numel(), settings.quantization == "nf4-dq")
     return DTYPE_BYTES[settings.dtype] * param.numel()
 
@@ -145,16 +150,12 @@ def weight_bytes(module: nn.Module, settings: MemorySettings, kept: set[int]) ->
 
 def replicated_bytes(module: nn.Module, settings: MemorySettings, kept: set[int]) -> int:
     """Stored bytes FSDP2 does not shard: NF4 storage lives in buffers, and fully_shard shards parameters only."""
-    if settings.quantization == "none":
-        return 0
-    return sum(tensor_bytes(p, settings, kept) for p in module.parameters() if p.dim() >= 2 and id(p) not in kept)
+    return sum(tensor_bytes(p, settings, kept) for p in module.parameters() if is_quantized(p, settings, kept))
 
 
 def largest_quantized_tensor(model: nn.Module, settings: MemorySettings, kept: set[int]) -> int:
     """Elements of the largest quantized weight (what a dequantization materialises at once)."""
-    if settings.quantization == "none":
-        return 0
-    return max((p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in kept), default=0)
+    return max((p.numel() for p in model.parameters() if is_quantized(p, settings, kept)), default=0)
 
 
 # -- adapters -------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def load_backbone(cfg: BackboneConfig) -> PreTrainedModel:
 
     quantize = check_quantization(cfg.quantization)  # fail before loading anything
     if cfg.pretrained is not None:
-        return _from_pretrained(cfg, dtype)  # quantizes tensor by tensor while loading
+        return _from_pretrained(cfg, dtype, quantize)  # quantizes tensor by tensor while loading
     model = _from_config(cfg, dtype)
     if quantize:
         from ..quant import quantize_model
@@ -80,7 +80,7 @@ def _experts_kwargs(cfg: BackboneConfig, arch) -> dict:
     return {"experts_implementation": cfg.experts_implementation} if arch.fused else {}
 
 
-def _from_pretrained(cfg: BackboneConfig, dtype: torch.dtype) -> PreTrainedModel:
+def _from_pretrained(cfg: BackboneConfig, dtype: torch.dtype, quantize: bool) -> PreTrainedModel:
     source = cfg.pretrained
     looks_local = source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
     if looks_local and not Path(source).expanduser().exists():
@@ -97,7 +97,7 @@ def _from_pretrained(cfg: BackboneConfig, dtype: torch.dtype) -> PreTrainedModel
         trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision,
     )
-    if cfg.quantization not in (None, "none"):
+    if quantize:
         if getattr(config, "quantization_config", None):
             method = _quant_method(config.quantization_config)
             raise ValueError(

@@ -51,7 +51,6 @@ class _QuantizeOnLoad(ConversionOps):
             dense = value[0] if isinstance(value, list) else value
             self.quantizer.quantize(name, dense)
             placeholders[name] = dense.new_empty(0)
-            del dense
         return placeholders
 
 
