@@ -87,7 +87,8 @@ class HelloraNF4Quantizer(HfQuantizer):
         if missing:
             raise RuntimeError(
                 f"The checkpoint has no weights for {len(missing)} tensors to quantize, e.g. {missing[:3]}; "
-                "is it the model its config says?"
+                "its weight files do not match its config.json. Give a complete checkpoint of that model "
+                "(all its safetensors shards), or load it without quantization to see transformers' report."
             )
         quantize_model(model, self.quantization_config.quantization, self.quantization_config.blocksize, self.quantized)
         self.quantized = {}
