@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+from hellora_pl.datamodules import DataSource, MathDataModule
 from hellora_pl.evaluation.math import (
+    GSM8K_STOP,
     INVALID,
     MathScore,
     extract_flexible,
@@ -16,6 +18,7 @@ from hellora_pl.evaluation.math import (
     normalize,
     score_math,
 )
+from hellora_pl.evaluation.tasks import MathTask
 
 # Measured on the shared copies of openai/grade-school-math: every reference answer scores correct
 # against itself under both extractions (its last number is always the "#### N" line).
@@ -62,8 +65,8 @@ def test_metamath_answer_form():
     completion = "Step one... so 6 * 7 = 42.\nThe answer is: 42"
     assert extract_strict(completion) == "42"
     assert score_math(completion, "#### 42") == MathScore(True, True, "42", "42")
-    assert extract_strict("The answer is 1,500.") == "1,500."
-    assert is_correct(extract_strict("The answer is 1,500."), "1500")
+    assert extract_strict("The answer is: $1,500.") == "1,500."
+    assert is_correct(extract_strict("The answer is: $1,500."), "1500")
     # the last "The answer is" wins, as in MetaMath's eval_gsm8k.py; "#### N" wins over both
     assert extract_strict("The answer is: 3\nWait.\nThe answer is: 4") == "4"
     assert extract_strict("The answer is: 3\n#### 5") == "5"
@@ -91,3 +94,36 @@ def test_flexible_prefers_the_non_empty_group_and_strips():
 
 def test_case_is_ignored_like_lm_eval():
     assert normalize("  ABC. ") == "abc"
+
+
+def test_strict_accepts_only_the_lm_eval_and_metamath_forms():
+    # lm-eval strict is "#### N"; MetaMath's eval_gsm8k.py splits on "The answer is: " (colon and space).
+    for loose in ("The answer is 42", "The answer is:42", "the answer is: 42", "Answer: 42", "####42"):
+        assert extract_strict(loose) == INVALID, loose
+        assert score_math(loose, "#### 42") == MathScore(False, True, INVALID, "42")
+    assert extract_strict("The answer is:   42") == "42"  # MetaMath strips what follows the marker
+
+
+def test_lm_eval_gsm8k_stop_strings():
+    # lm_eval/tasks/gsm8k/gsm8k.yaml, generation_kwargs.until
+    assert GSM8K_STOP == ("Question:", "</s>", "<|im_end|>")
+    assert MathTask([{"question": "q", "answer": "#### 1"}]).default_stop == GSM8K_STOP
+
+
+def test_math_datamodule_generation_stops_at_a_new_question(tmp_path):
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"#### {2 * i}"} for i in range(3)]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dm = MathDataModule(tokenizer="builtin:char", template="plain", benchmark=DataSource(str(path)))
+    dm.setup("test")
+    assert dm.generation.stop == list(GSM8K_STOP)
+
+
+@pytest.mark.parametrize("stop", GSM8K_STOP)
+def test_scoring_ignores_what_follows_a_stop_string(stop):
+    # The model answered 7, then rambled into a new question answered 9: lm-eval scores 7 under both.
+    rambling = f"3 + 4 = 7\n#### 7\n\n{stop} What is 4 + 5?\nAnswer: 4 + 5 = 9\n#### 9"
+    assert score_math(rambling, "#### 7") == MathScore(True, True, "7", "7")
+    no_marker = f"3 + 4 = 7\n\n{stop} What is 4 + 5?\nAnswer: #### 9"
+    assert score_math(no_marker, "#### 9") == MathScore(False, False, INVALID, "7")
+    assert score_math(no_marker, "#### 9", stop=()) == MathScore(True, True, "9", "9")

@@ -13,20 +13,31 @@ published GSM8K results. Read from EleutherAI/lm-evaluation-harness, lm_eval/tas
   in that order from both the prediction and the whole reference answer, then string equality
   (lm_eval/api/metrics.py ``exact_match_hf_evaluate``).
 
+- generation ``until: ["Question:", "</s>", "<|im_end|>"]`` (``GSM8K_STOP``) for the prompt
+  "Question: {q}\nAnswer:": lm-eval's model wrappers (HFLM ``generate_until``) also cut the decoded
+  continuation at the first of them after generation. ``score_math`` does the same before
+  extracting, so a completion generated with other stop strings (or none) is scored as lm-eval
+  would score it, and a number the model rambles into after a new "Question:" never counts.
+
 Strict extraction also accepts MetaMath's closing line "The answer is: N" (MetaMathQA responses end
 with it) when no ``#### N`` is present; like MetaMath's eval_gsm8k.py (meta-math/MetaMath), which
-reads the text after the last "The answer is: ", the last such line wins.
+reads the text after the last "The answer is: ", the colon and space are required and the last
+such line wins. Any other wording (e.g. "The answer is N") is left to flexible extraction.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hellora_pl.evaluation.generation import truncate_at_stop
+
 INVALID = "[invalid]"  # lm-eval RegexFilter's fallback when nothing matches
+GSM8K_STOP = ("Question:", "</s>", "<|im_end|>")  # lm-eval gsm8k.yaml generation_kwargs.until
 
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
-_METAMATH = re.compile(r"The answer is:?[ \t]*\$?[ \t]*(\-?[0-9\.\,]+)")
+_METAMATH = re.compile(r"The answer is: [ \t]*\$?(\-?[0-9\.\,]+)")
 _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 _REGEXES_TO_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")
 _GOLD_MARKER = "#### "
@@ -40,7 +51,7 @@ def _pick(match: str | tuple[str, ...]) -> str:
 
 
 def extract_strict(text: str) -> str:
-    """The first ``#### N``, else the last "The answer is: N"; ``INVALID`` when neither appears."""
+    """The first ``#### N``, else the last "The answer is: N" (colon required); ``INVALID`` when neither."""
     found = _STRICT.findall(text)
     if found:
         return _pick(found[0])
@@ -89,8 +100,12 @@ class MathScore:
     flexible_answer: str
 
 
-def score_math(completion: str, gold: str) -> MathScore:
-    """Score one completion against a gold number or a whole GSM8K reference answer."""
+def score_math(completion: str, gold: str, stop: Sequence[str] = GSM8K_STOP) -> MathScore:
+    """Score one completion against a gold number or a whole GSM8K reference answer.
+
+    The completion is first cut at the earliest of `stop` (lm-eval's GSM8K stop strings by default).
+    """
+    completion = truncate_at_stop(completion, stop)
     strict_answer = extract_strict(completion)
     flexible_answer = extract_flexible(completion)
     return MathScore(

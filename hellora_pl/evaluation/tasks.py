@@ -21,7 +21,7 @@ from hellora_pl.evaluation.code import (
     mbpp_program,
     mbpp_prompt,
 )
-from hellora_pl.evaluation.math import gold_answer, score_math
+from hellora_pl.evaluation.math import GSM8K_STOP, gold_answer, score_math
 from hellora_pl.evaluation.metrics import GSM8KAccuracy, PassAtK, RefusalRate
 from hellora_pl.evaluation.refusal import HarmfulPrompt, KeywordJudge, RefusalJudge
 from hellora_pl.evaluation.sandbox import SandboxLimits, run_programs
@@ -59,7 +59,12 @@ class EvalTask(ABC):
 
 
 class MathTask(EvalTask):
-    """GSM8K-style problems (`question`, `answer` ending in `#### N`), scored strict and flexible."""
+    """GSM8K-style problems (`question`, `answer` ending in `#### N`), scored strict and flexible.
+
+    Generation stops where lm-eval's gsm8k task stops it (a new "Question:", "</s>", "<|im_end|>").
+    """
+
+    default_stop = GSM8K_STOP
 
     def __init__(self, problems: Sequence[dict[str, str]], name: str = "gsm8k"):
         self.name = name
