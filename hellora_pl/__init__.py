@@ -4,8 +4,10 @@ from .backbones import BackboneConfig, load_backbone
 from .callbacks import (
     DynamicRankCallback,
     HotExpertInjectionCallback,
+    InterruptCheckpoint,
     LoRIMaskCallback,
     RoutingProfilerCallback,
+    RunSummary,
 )
 from .module import HelloraModule
 
@@ -16,7 +18,9 @@ __all__ = [
     "DynamicRankCallback",
     "HelloraModule",
     "HotExpertInjectionCallback",
+    "InterruptCheckpoint",
     "LoRIMaskCallback",
     "RoutingProfilerCallback",
+    "RunSummary",
     "load_backbone",
 ]
