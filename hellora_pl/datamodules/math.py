@@ -8,6 +8,7 @@ import datasets
 
 from hellora_pl.datamodules.formats import QUESTION_TEMPLATE, record_format
 from hellora_pl.datamodules.instruction import InstructionDataModule
+from hellora_pl.datamodules.paths import BENCHMARK, TRAINING, present
 from hellora_pl.datamodules.sources import DataSource, check_columns, load_source
 from hellora_pl.evaluation.tasks import MathTask
 
@@ -33,6 +34,13 @@ class MathDataModule(InstructionDataModule):
         self.train_source = train
         self.format = record_format(format, ("gsm8k", "metamathqa"))
         self.benchmark = benchmark
+
+    def data_paths(self) -> list[tuple[str, str, str]]:
+        """(role, config key, path) of the data this module reads; see `paths.check_data_files`."""
+        return present([
+            (TRAINING, "train.path", self.train_source and self.train_source.path),
+            (BENCHMARK, "benchmark.path", self.benchmark and self.benchmark.path),
+        ])  # fmt: skip
 
     def _training_examples(self) -> datasets.Dataset:
         if self.train_source is None:

@@ -9,6 +9,7 @@ import datasets
 
 from hellora_pl.datamodules.formats import record_format
 from hellora_pl.datamodules.instruction import InstructionDataModule
+from hellora_pl.datamodules.paths import BENCHMARK, TRAINING, DataPath, present, require_exists
 from hellora_pl.datamodules.sources import DataSource
 from hellora_pl.evaluation.refusal import load_harmful_prompts
 from hellora_pl.evaluation.tasks import RefusalTask
@@ -35,6 +36,7 @@ class SafetyDataModule(InstructionDataModule):
     with `general` instructions when given so that refusals make up `safety_fraction` of the
     examples (None: all of both). Judged by refusal rate on `harmful` (an AdvBench csv, a
     folder of HEx-PHI `category_*.csv`, or a JSON list), per category where the set has them.
+    A relative `harmful` in a config file is relative to that file's folder.
 
     judge: callable(instructions, responses) -> list of bool (True: refused); default the
         HEx-PHI keyword rule. Give your judge model as a class_path of a callable class.
@@ -47,7 +49,7 @@ class SafetyDataModule(InstructionDataModule):
         general: DataSource | None = None,
         general_format: Literal["alpaca"] = "alpaca",
         safety_fraction: float | None = None,
-        harmful: str | None = None,
+        harmful: DataPath | None = None,
         harmful_field: str = "instruction",
         judge: Judge | None = None,
         **kwargs,
@@ -60,9 +62,18 @@ class SafetyDataModule(InstructionDataModule):
         self.general = general
         self.general_format = record_format(general_format, ("alpaca",))
         self.safety_fraction = safety_fraction
-        self.harmful = harmful
+        # `harmful` is always local (never a hub name), also when given as a plain str.
+        self.harmful = harmful if harmful is None or isinstance(harmful, DataPath) else DataPath(harmful)
         self.harmful_field = harmful_field
         self.judge = judge
+
+    def data_paths(self) -> list[tuple[str, str, str]]:
+        """(role, config key, path) of the data this module reads; see `paths.check_data_files`."""
+        return present([
+            (TRAINING, "train.path", self.train_source and self.train_source.path),
+            (TRAINING, "general.path", self.general and self.general.path),
+            (BENCHMARK, "harmful", self.harmful),
+        ])  # fmt: skip
 
     def _training_examples(self) -> datasets.Dataset:
         if self.train_source is None:
@@ -79,4 +90,5 @@ class SafetyDataModule(InstructionDataModule):
     def _eval_task(self) -> RefusalTask | None:
         if self.harmful is None:
             return None
+        require_exists(self.harmful, "harmful")
         return RefusalTask(load_harmful_prompts(self.harmful, field=self.harmful_field), judge=self.judge)

@@ -2,7 +2,8 @@
 
 A `DataSource` names the data and maps the columns a format needs to the columns the data has,
 so GSM8K, MetaMathQA, CodeAlpaca or a user's own jsonl go through the same code. Missing files
-and data without the expected columns stop the run at set-up with a message naming both.
+and data without the expected columns stop the run at set-up with a message naming both. A path
+written in a config file is relative to that file's folder (see `paths`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import datasets
 
+from hellora_pl.datamodules.paths import DataPathOrName, is_local, require_exists
+
 ROW_COLUMN, MALFORMED_COLUMN = "__row__", "__malformed__"  # the tolerant reader's columns
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -23,12 +26,13 @@ class DataSource:
     """One data set.
 
     `path`: a local file (.json, .jsonl, .parquet, .csv, optionally .gz), a local folder of
-    such files, or a Hugging Face hub dataset name. `name` and `split` select a hub config and
-    split (a local file is one split). `fields` maps the format's field names to the data's
-    column names, e.g. ``{"question": "query"}``. `limit` keeps the first N rows.
+    such files, or a Hugging Face hub dataset name; relative to the working directory, or in a
+    config file to that file's folder. `name` and `split` select a hub config and split (a local
+    file is one split). `fields` maps the format's field names to the data's column names, e.g.
+    ``{"question": "query"}``. `limit` keeps the first N rows.
     """
 
-    path: str
+    path: DataPathOrName
     name: str | None = None
     split: str = "train"
     fields: dict[str, str] = field(default_factory=dict)
@@ -44,10 +48,6 @@ class DataSource:
         return self.fields.get(field_name, field_name)
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).suffix.lower() in (*LOCAL_BUILDERS, ".gz")
-
-
 def _builder_for(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
@@ -59,11 +59,9 @@ def _builder_for(path: Path) -> str:
 
 def load_source(source: DataSource) -> datasets.Dataset:
     """Read `source` into a `datasets.Dataset` (Arrow-backed and cached by `datasets`)."""
-    local = Path(source.path).expanduser()
-    if local.exists():
-        rows = _load_local(local)
-    elif _looks_local(source.path):
-        raise FileNotFoundError(f"Data file {source.path!r} does not exist (resolved to {local.resolve()}).")
+    if is_local(source.path):
+        require_exists(source.path)
+        rows = _load_local(Path(source.path).expanduser())
     else:
         rows = _load_hub(source)
     if source.limit is not None:
