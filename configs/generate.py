@@ -3,8 +3,10 @@ configs/tiny/<family>/<method>_<task>.yaml twins that run on CPU.
 
 Tasks are math (GSM8K), code (CodeAlpaca judged on HumanEval) and safety (Saferpaca judged on
 HEx-PHI). The tiny twins build a two-layer model of each family from its config
-(hellora_pl.backbones.tiny) and read small slices of the public data in ../shared/data with the
-same datamodules, prompts and benchmarks. A test checks the files are what this script writes:
+(hellora_pl.backbones.tiny) and read small slices of the public data in <checkout>/../shared/data
+with the same datamodules, prompts and benchmarks. Data paths in a config are relative to the
+config file's folder, so every config runs from any working directory. A test checks the files
+are what this script writes:
 
     python configs/generate.py          # rewrite the files
     python configs/generate.py --check  # exit 1 if a file differs
@@ -22,7 +24,9 @@ from hellora_pl.adapters.methods import METHOD_DEFAULTS
 from hellora_pl.backbones.tiny import TINY_CONFIGS
 
 ROOT = Path(__file__).resolve().parent
-SHARED = "../shared/data"  # the public data files beside the checkout (paths are relative to the repo root)
+# Data paths are relative to the config file that names them (hellora_pl.datamodules.paths).
+SHARED = "../../../../shared/data"  # from configs/tiny/<family>/: the public data files beside the checkout
+USER_DATA = "../../data"  # from configs/<backbone>/: <checkout>/data, where the user puts Saferpaca and HEx-PHI
 # The character tokenizer has 100 ids; HumanEval prompts reach ~1,400 characters, so positions go to 2048.
 TINY_OVERRIDES = {"vocab_size": 128, "max_position_embeddings": 2048}
 TASKS = ("math", "code", "safety")
@@ -36,20 +40,17 @@ REAL_BACKBONES = {
     "qwen1.5-moe-a2.7b": {"pretrained": "Qwen/Qwen1.5-MoE-A2.7B"},
 }
 
+# A method's companion callback, as the CLI group that configures it.
 COMPANIONS = {
-    "hellori": lambda real: {
-        "class_path": "hellora_pl.LoRIMaskCallback",
-        "init_args": {"density": 0.1, "granularity": "model", "dense_steps": 0.5},
-    },
+    "hellori": lambda real: {"lori": {"density": 0.1, "granularity": "model", "dense_steps": 0.5}},
     "dr_lora": lambda real: {
-        "class_path": "hellora_pl.DynamicRankCallback",
-        "init_args": {"rank_init": 16, "rank_max": 64, "interval": 100} if real else {"rank_init": 4, "rank_max": 16, "interval": 10},
+        "dynamic_rank": {"rank_init": 16, "rank_max": 64, "interval": 100} if real else {"rank_init": 4, "rank_max": 16, "interval": 10},
     },
 }
 
 
 def tiny_data(task: str) -> dict:
-    """Small slices of the public files in ../shared/data; prompts and the benchmark as in the real configs."""
+    """Small slices of the public files in <checkout>/../shared/data; prompts and benchmark as in the real configs."""
     common = {"tokenizer": "builtin:char", "template": "plain", "batch_size": 4, "eval_batch_size": 4, "eval_limit": 2}
     generation = {"max_new_tokens": 8}
     if task == "math":
@@ -109,10 +110,10 @@ def real_data(task: str, tokenizer: str) -> dict:
         "init_args": {
             # Saferpaca: Alpaca plus refusal pairs (github.com/vinid/safety-tuned-llamas, data/training/),
             # 2,000 refusals to 20,000 Alpaca instructions.
-            "train": {"path": "data/safety/safety_only_data_Instructions.json"},
+            "train": {"path": f"{USER_DATA}/safety/safety_only_data_Instructions.json"},
             "general": {"path": "tatsu-lab/alpaca", "split": "train", "limit": 20000},
             "safety_fraction": 0.0909,
-            "harmful": "data/HEx-PHI",  # gated: request access on the hub, then give the folder of category_*.csv
+            "harmful": f"{USER_DATA}/HEx-PHI",  # gated: request access on the hub, then give the category_*.csv folder
             "max_length": 1024, **common, "generation": {"max_new_tokens": 256},
         },
     }  # fmt: skip
@@ -122,19 +123,16 @@ def real_data(task: str, tokenizer: str) -> dict:
 REAL_ROUTER_RANK = {"mixtral-8x7b": 8}
 
 
-def callbacks(method: str, real: bool, backbone: str = "") -> list[dict]:
+def method_groups(method: str, real: bool, backbone: str = "") -> dict:
+    """The CLI's top-level groups for the method: hellora (injection), its companion, profiler."""
     injection = {"method": method, "rank": 32 if real else 8, "alpha": 64 if real else 16}
     if real and backbone in REAL_ROUTER_RANK and METHOD_DEFAULTS[method].router:
         injection["router_rank"] = REAL_ROUTER_RANK[backbone]
-    found = [
-        {"class_path": "hellora_pl.RoutingProfilerCallback", "init_args": {"fraction": 0.1, "watch_every_n_steps": 200 if real else 20}},
-        {"class_path": "hellora_pl.HotExpertInjectionCallback", "init_args": injection},
-    ]  # fmt: skip
+    groups = {"hellora": injection}
     if method in COMPANIONS:
-        found.append(COMPANIONS[method](real))
-    if real:
-        found.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/loss", "save_last": True}})
-    return found
+        groups.update(COMPANIONS[method](real))
+    groups["profiler"] = {"fraction": 0.1, "watch_every_n_steps": 200 if real else 20}
+    return groups
 
 
 def trainer(run_dir: str, method: str, real: bool, backbone: str = "") -> dict:
@@ -144,12 +142,12 @@ def trainer(run_dir: str, method: str, real: bool, backbone: str = "") -> dict:
             "accelerator": "gpu", "devices": 1, "precision": "bf16-mixed",
             "max_epochs": 3, "accumulate_grad_batches": 4, "val_check_interval": 0.25,
             "gradient_clip_val": 1.0, "log_every_n_steps": 10,
-            "default_root_dir": run_dir, "logger": logger, "callbacks": callbacks(method, real, backbone),
+            "default_root_dir": run_dir, "logger": logger,
         }  # fmt: skip
     return {
         "accelerator": "cpu", "devices": 1, "max_steps": 60, "val_check_interval": 20, "check_val_every_n_epoch": None,
         "num_sanity_val_steps": 0, "gradient_clip_val": 1.0, "log_every_n_steps": 10,
-        "default_root_dir": run_dir, "logger": logger, "callbacks": callbacks(method, real),
+        "default_root_dir": run_dir, "logger": logger,
     }  # fmt: skip
 
 
@@ -158,6 +156,7 @@ def tiny_config(backbone: str, method: str, task: str) -> dict:
     run_dir = f"runs/tiny/{backbone}/{method}_{task}"
     return {
         "seed_everything": 0,
+        **method_groups(method, real=False),
         "trainer": trainer(run_dir, method, real=False),
         "model": {
             "backbone": {"model_type": model_type, "config": {**fields, **TINY_OVERRIDES}, "seed": 0},
@@ -173,6 +172,7 @@ def real_config(backbone: str, method: str, task: str) -> dict:
     run_dir = f"runs/{backbone}/{method}_{task}"
     return {
         "seed_everything": 0,
+        **method_groups(method, real=True, backbone=backbone),
         "trainer": trainer(run_dir, method, real=True, backbone=backbone),
         "model": {
             "backbone": {**source, "dtype": "bfloat16"},
@@ -198,7 +198,8 @@ def render(backbone: str, method: str, task: str, real: bool) -> str:
         path = f"configs/tiny/{backbone}/{method}_{task}.yaml"
         header = (
             f"# Tiny {backbone} twin, method {method} ({summary}), task {task}: random weights, CPU, no network,\n"
-            "# small slices of the public data in ../shared/data. Written by configs/generate.py; edit that instead.\n"
+            "# small slices of the public data in <checkout>/../shared/data (data paths are relative to this file).\n"
+            "# Written by configs/generate.py; edit that instead.\n"
         )
         body = tiny_config(backbone, method, task)
     header += f"#   python -m hellora_pl fit --config {path}\n#   python -m hellora_pl test --config {path} --ckpt_path <checkpoint>\n"

@@ -69,12 +69,7 @@ class HelloraModule(LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
-        vocab = self.model.get_input_embeddings().num_embeddings
-        if tokenizer is not None and len(tokenizer) > vocab:
-            raise ValueError(
-                f"The tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} rows; "
-                "use the model's own tokenizer, or raise vocab_size in the backbone config."
-            )
+        check_vocabulary(self.model, tokenizer)
         task = getattr(datamodule, "eval_task", None)
         if task is not None and self.benchmark is None:
             stages = ("val", "test") if getattr(datamodule, "evaluate_in_validation", False) else ("test",)
@@ -162,6 +157,18 @@ class HelloraModule(LightningModule):
         schedule = lr_lambda(hp.lr_schedule, warmup, total, hp.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_vocabulary(model, tokenizer) -> None:
+    """Every token id the tokenizer can produce must have a row in the model's embedding."""
+    if tokenizer is None:
+        return
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} rows; "
+            "use the model's own tokenizer, or raise vocab_size in the backbone config."
+        )
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):

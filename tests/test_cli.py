@@ -69,6 +69,37 @@ def test_validate_from_checkpoint_restores_adapters(quickstart):
         cwd=tmp_path,
     )
     assert "adapted experts" in output and "val/loss" in output
+    assert "routing profile" not in output  # the checkpoint's plan is injected, routing is not profiled again
+
+
+def test_resumed_fit_injects_the_checkpoint_plan_without_profiling(quickstart):
+    tmp_path, first_output, run_dir = quickstart
+    assert "[hellora] routing profile:" in first_output  # a fresh fit profiles
+    (checkpoint,) = (run_dir / "checkpoints").glob("last.ckpt")
+    resumed = [arg if arg != "--trainer.max_steps=2" else "--trainer.max_steps=4" for arg in SHORT]
+    output = run_cli("fit", "--config", str(REPO / "configs" / "quickstart.yaml"), *resumed,
+                     "--ckpt_path", str(checkpoint), cwd=tmp_path)  # fmt: skip
+    assert "routing profile" not in output
+    first = json.loads((run_dir / "hellora" / "plan.json").read_text())
+    (resumed_plan,) = [p for p in (tmp_path / "runs").glob("*/hellora/version_*/hellora/plan.json") if run_dir not in p.parents]
+    assert [layer["hot_experts"] for layer in json.loads(resumed_plan.read_text())["layers"]] == [
+        layer["hot_experts"] for layer in first["layers"]
+    ]
+
+
+def test_validate_without_a_checkpoint_says_it_evaluates_the_base_model(tmp_path):
+    output = run_cli("validate", "--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.logger=false",
+                     "--data.init_args.num_train=64", "--data.init_args.num_val=16", cwd=tmp_path)  # fmt: skip
+    assert "evaluates the BASE model, without adapters" in output and "--ckpt_path" in output
+
+
+def test_fast_dev_run_writes_nothing_and_repeats(tmp_path):
+    for _ in range(2):
+        output = run_cli("fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.fast_dev_run=true",
+                         "--trainer.enable_progress_bar=false", "--data.init_args.num_train=64",
+                         "--data.init_args.num_val=16", cwd=tmp_path)  # fmt: skip
+        assert "adapted experts" in output
+    assert not list(tmp_path.iterdir()), f"fast_dev_run left {list(tmp_path.rglob('*'))}"
 
 
 def test_lora_baseline_reports_more_trainable_parameters(quickstart, tmp_path):

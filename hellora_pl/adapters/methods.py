@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from ..routing import AllExperts, CoveragePerLayer, HotExpertPolicy, TopKPerLayer
 from .plan import METHODS
+
+# The method names as a type, so LightningCLI lists the choices when a name is wrong.
+MethodName = Literal["lora", "hellora", "attention_only", "hellori", "dr_lora", "esft"]
+assert get_args(MethodName) == METHODS
 
 
 @dataclass(frozen=True)

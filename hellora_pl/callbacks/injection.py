@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..adapters import (
     AdapterPlan,
@@ -18,7 +19,9 @@ from ..adapters import (
     remove_adapters,
     save_adapter,
 )
-from ..adapters.methods import method_defaults
+from ..adapters.io import ADAPTER_FILE, PLAN_FILE
+from ..adapters.methods import MethodName, method_defaults
+from ..backbones import architecture_for
 from ..kernels.dispatch import IMPLEMENTATIONS, ExpertKernel
 from ..routing import HotExpertPolicy
 from ..sharding import full_tensors, is_sharded, save_adapter_tensors, shard_like
@@ -53,9 +56,11 @@ class HotExpertInjectionCallback(Callback):
     it cannot run) or "torch".
     """
 
+    consumes_routing_profile = True  # RoutingProfilerCallback leaves profiling to this callback's setup
+
     def __init__(
         self,
-        method: str = "hellora",
+        method: MethodName = "hellora",
         hot_experts: HotExpertPolicy | None = None,
         rank: int = 8,
         alpha: float = 16.0,
@@ -75,6 +80,7 @@ class HotExpertInjectionCallback(Callback):
     ):
         if expert_kernel not in IMPLEMENTATIONS:
             raise ValueError(f"Unknown expert_kernel {expert_kernel!r}; choose one of {', '.join(IMPLEMENTATIONS)}.")
+        check_injection_settings(rank, alpha, dropout, adapter_dtype, router_rank, adapter_path)
         self.expert_kernel = expert_kernel
         self.method = method_defaults(method).name
         self.hot_experts = hot_experts if hot_experts is not None else method_defaults(method).policy()
@@ -103,17 +109,49 @@ class HotExpertInjectionCallback(Callback):
         model = self._model = backbone_of(pl_module, self.model_attribute)
         if is_injected(model):
             return  # a second stage in the same process (fit, then test)
-        if self.adapter_path is not None:
+        saved = checkpoint_plan(trainer.ckpt_path, self.state_key)
+        if saved is not None:  # restoring a checkpoint: its own plan, never a new routing profile
+            self.plan = saved
+            inject_adapters(model, saved, self.expert_kernel)
+        elif self.adapter_path is not None:
+            if stage == "fit" and not trainer.fast_dev_run:
+                self._check_output_dir(trainer)
             self.plan = load_adapter(model, self.adapter_path, self.expert_kernel)
         elif stage == "fit":
-            self._check_output_dir(trainer)
-            self.plan = self._make_plan(trainer, pl_module, model)
+            companions = self._check_before_profile(trainer, model)
+            self.plan = self._make_plan(trainer, pl_module, model, companions)
             inject_adapters(model, self.plan, self.expert_kernel)
         else:
-            return  # evaluate the base model, unless a checkpoint brings a plan
+            rank_zero_warn(
+                f"[hellora] {getattr(stage, 'value', stage)} has no checkpoint and no adapter_path: it evaluates the BASE model, without "
+                "adapters. To evaluate a fine-tuned run, pass --ckpt_path <its checkpoint> (or set "
+                "hellora.adapter_path to its hellora/ folder)."
+            )
+            return
         self._announce()
 
-    def _make_plan(self, trainer, pl_module, model) -> AdapterPlan:
+    def check_model(self, model) -> None:
+        """The settings against the model (k against its number of experts), before any profiling."""
+        method = method_defaults(self.method)
+        if self.adapter_path is None and (method.experts if self.experts is None else self.experts):
+            arch = architecture_for(model)
+            self.hot_experts.check(arch.num_experts(model.config), arch.top_k(model.config))
+
+    def _check_before_profile(self, trainer: Trainer, model) -> dict:
+        """Every check the settings and the model allow, before any routing is profiled or anything written.
+
+        Returns the companion callbacks' plan entries (LoRI, DR-LoRA), checked too.
+        """
+        method = method_defaults(self.method)
+        self.check_model(model)
+        if not trainer.fast_dev_run:
+            self._check_output_dir(trainer)
+        return {
+            "lori": self._companion_entry(trainer, "lori", "LoRIMaskCallback", method.lori),
+            "dynamic_rank": self._companion_entry(trainer, "dynamic_rank", "DynamicRankCallback", method.dynamic_rank),
+        }
+
+    def _make_plan(self, trainer, pl_module, model, companions: dict) -> AdapterPlan:
         method = method_defaults(self.method)
         experts = method.experts if self.experts is None else self.experts
         profiler = _find(trainer, RoutingProfilerCallback)
@@ -140,8 +178,8 @@ class HotExpertInjectionCallback(Callback):
             shared_expert_modules=None if shared else [],
             method=self.method,
             expert_adapter=method.expert_adapter,
-            lori=self._companion_entry(trainer, "lori", "LoRIMaskCallback", method.lori),
-            dynamic_rank=self._companion_entry(trainer, "dynamic_rank", "DynamicRankCallback", method.dynamic_rank),
+            lori=companions["lori"],
+            dynamic_rank=companions["dynamic_rank"],
         )
 
     def _companion_entry(self, trainer: Trainer, plan_field: str, name: str, needed: bool) -> dict | None:
@@ -181,18 +219,24 @@ class HotExpertInjectionCallback(Callback):
         load_adapter_weights(model, shard_like(state["adapters"], adapter_state_dict(model)))
 
     def _check_output_dir(self, trainer: Trainer) -> None:
-        existing = self.directory(trainer) / "plan.json"
+        self.check_output_dir(trainer.log_dir or trainer.default_root_dir)
+
+    def check_output_dir(self, log_dir) -> None:
+        """Refuse to overwrite the plan an earlier run wrote (the CLI calls this before building the Trainer)."""
+        existing = self.directory_for(log_dir) / PLAN_FILE
         if existing.exists() and not self.overwrite:
             raise FileExistsError(
                 f"{existing} exists from an earlier run and would be overwritten. Log to a new directory "
-                "(a new logger version or default_root_dir), or set HotExpertInjectionCallback(overwrite=true), "
-                "for instance to resume into the same directory."
+                "(a new logger version or default_root_dir), resume that run with --ckpt_path, or set "
+                "--hellora.overwrite true (HotExpertInjectionCallback(overwrite=True))."
             )
 
     def directory(self, trainer: Trainer) -> Path:
-        if self.output_dir is not None:
-            return Path(self.output_dir)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "hellora"
+        return self.directory_for(trainer.log_dir or trainer.default_root_dir)
+
+    def directory_for(self, log_dir) -> Path:
+        """Where plan.json and adapter.safetensors go: `output_dir`, or `<log dir>/hellora`."""
+        return Path(self.output_dir) if self.output_dir is not None else Path(log_dir) / "hellora"
 
     @property
     def model(self):
@@ -261,6 +305,8 @@ class HotExpertInjectionCallback(Callback):
             self._save(trainer)
 
     def _save(self, trainer) -> None:
+        if trainer.fast_dev_run:
+            return  # a dry run writes nothing that a later run would trip over
         directory = self.directory(trainer)  # on every rank: trainer.log_dir broadcasts
         if not is_sharded(self._model):
             if trainer.is_global_zero:
@@ -269,6 +315,51 @@ class HotExpertInjectionCallback(Callback):
         tensors = self._adapter_copies()  # a collective: every rank gathers, rank 0 writes
         if trainer.is_global_zero:
             save_adapter_tensors(directory, tensors, self.plan)
+
+
+def check_injection_settings(rank, alpha, dropout, adapter_dtype, router_rank, adapter_path) -> None:
+    """The callback's own arguments, checked when it is built (before any model work)."""
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}; LoRA needs rank >= 1 (8-64 are common).")
+    if router_rank is not None and (not isinstance(router_rank, int) or router_rank < 1):
+        raise ValueError(f"router_rank must be a positive integer or null (= rank), got {router_rank!r}.")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be positive, got {alpha!r}; LoRA scales its update by alpha / rank.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+    if adapter_dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"adapter_dtype must be float32, bfloat16 or float16, got {adapter_dtype!r}.")
+    if adapter_path is not None:
+        folder = Path(adapter_path)
+        missing = [name for name in (PLAN_FILE, ADAPTER_FILE) if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"adapter_path {str(adapter_path)!r} has no {' or '.join(missing)}; give the hellora/ folder "
+                "a fit wrote (it holds plan.json and adapter.safetensors)."
+            )
+
+
+def checkpoint_plan(ckpt_path, state_key: str) -> AdapterPlan | None:
+    """The plan a checkpoint carries in HotExpertInjectionCallback's state (None without a checkpoint).
+
+    Read on its own, before Lightning restores anything, so a restored run injects this plan
+    instead of profiling routing again. Reads a file checkpoint or a sharded folder's metadata.
+    """
+    if ckpt_path is None:
+        return None
+    path = Path(ckpt_path)
+    if path.is_dir():
+        path = path / "meta.pt"  # a sharded (FSDP2) checkpoint keeps the callbacks' states here
+    if not path.is_file():
+        return None  # a remote URL or an unusual layout: Lightning's restore reports it, then on_load_checkpoint
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = (checkpoint.get("callbacks") or {}).get(state_key) or {}
+    if not state.get("plan"):
+        raise ValueError(
+            f"{ckpt_path} holds no hellora plan: it was not written with HotExpertInjectionCallback, so its "
+            "adapters cannot be restored. Start a new fit instead of resuming."
+        )
+    return AdapterPlan.from_dict(state["plan"])
 
 
 def trainable_summary(plan: AdapterPlan) -> str:

@@ -12,8 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..adapters import injected_hot_experts
 from ..routing import RoutingProfile, RoutingRecorder
-from ..routing.heatmap import heatmap_image
-from .logging import log_image, log_scalars
+from ..routing.heatmap import routing_heatmap
+from .logging import log_figure, log_scalars
 from .protocol import backbone_of, train_dataloader
 
 
@@ -51,7 +51,9 @@ class RoutingProfilerCallback(Callback):
 
     # -- profiling before training -------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
+        # A callback that uses the profile (HotExpertInjectionCallback) asks for it after its own
+        # checks, and not at all when it restores a checkpoint's plan; otherwise profile here.
+        if stage == "fit" and not any(getattr(cb, "consumes_routing_profile", False) for cb in trainer.callbacks):
             self.ensure_profile(trainer, pl_module)
 
     def ensure_profile(self, trainer: Trainer, pl_module: LightningModule) -> RoutingProfile:
@@ -89,7 +91,7 @@ class RoutingProfilerCallback(Callback):
         profile.tokens = int(trainer.strategy.reduce(tokens, reduce_op="sum").item())
         rank_zero_info(
             f"[hellora] routing profile: {num_batches} batches, {profile.tokens} tokens, "
-            f"{len(profile.layers)} MoE layers x {profile.num_experts} experts "
+            f"{len(profile.layers)} MoE layer{'' if len(profile.layers) == 1 else 's'} x {profile.num_experts} experts "
             f"({time.perf_counter() - start:.1f}s)"
         )
         return profile
@@ -142,7 +144,7 @@ class RoutingProfilerCallback(Callback):
             if hot.get(layer):
                 metrics[f"{tag}/layer_{layer}/adapted_share"] = float(share[hot[layer]].sum())
         log_scalars(trainer, metrics, step)
-        log_image(trainer, f"{tag}/heatmap", heatmap_image(load), step)
+        log_figure(trainer, f"{tag}/heatmap", lambda: routing_heatmap(profile, hot, title=tag), step)
 
     def teardown(self, trainer, pl_module, stage) -> None:
         if self._watch is not None:

@@ -30,6 +30,9 @@ class HotExpertPolicy(ABC):
     def select_layer(self, counts: torch.Tensor, gate_mass: torch.Tensor, top_k: int) -> list[int]:
         """Hot experts of one layer, sorted ascending."""
 
+    def check(self, num_experts: int, top_k: int) -> None:
+        """Refuse settings this model cannot satisfy, before any routing is profiled."""
+
     def select(self, profile: RoutingProfile) -> list[list[int]]:
         return [
             self.select_layer(profile.counts[i], profile.gate_mass[i], profile.top_k)
@@ -50,14 +53,17 @@ class TopKPerLayer(HotExpertPolicy):
             raise ValueError(f"TopKPerLayer needs k >= 1, got k={k}.")
         self.k = k
 
-    def select_layer(self, counts, gate_mass, top_k):
+    def check(self, num_experts: int, top_k: int) -> None:
         k = self.k if self.k is not None else top_k
-        if k > counts.numel():
+        if k > num_experts:
             raise ValueError(
-                f"TopKPerLayer k={k} is larger than the number of experts ({counts.numel()}); "
-                f"choose k <= {counts.numel()} (or AllExperts for LoRA on every expert)."
+                f"TopKPerLayer k={k} is larger than the number of experts ({num_experts}); "
+                f"choose k <= {num_experts} (or AllExperts for LoRA on every expert)."
             )
-        return sorted(_ranked(counts)[:k])
+
+    def select_layer(self, counts, gate_mass, top_k):
+        self.check(counts.numel(), top_k)
+        return sorted(_ranked(counts)[: self.k if self.k is not None else top_k])
 
 
 class FractionPerLayer(HotExpertPolicy):
