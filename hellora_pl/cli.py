@@ -23,7 +23,8 @@ from argparse import ArgumentError
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -37,6 +38,7 @@ from .callbacks import (
     RunSummary,
 )
 from .callbacks.injection import check_injection_settings
+from .callbacks.progress import StepBoundProgressBar
 from .datamodules.paths import check_data_files
 from .module import HelloraModule, check_vocabulary
 
@@ -122,6 +124,10 @@ class HelloraCLI(LightningCLI):
         listed = {type(cb) for cb in (given if isinstance(given, list) else [given])}
         # The run's report: a summary at the end, a checkpoint and a resume command on Ctrl-C/SIGTERM.
         callbacks = [kind() for kind in (RunSummary, InterruptCheckpoint) if kind not in listed]
+        if _RICH_AVAILABLE and trainer_config.get("enable_progress_bar") is not False and not any(
+            issubclass(kind, ProgressBar) for kind in listed
+        ):
+            callbacks.append(StepBoundProgressBar())
         for group in CALLBACK_GROUPS:
             if group in COMPANIONS and not getattr(method, COMPANIONS[group]):
                 continue  # that method's companion is not used

@@ -253,6 +253,13 @@ class HotExpertInjectionCallback(Callback):
             ranks = f" ranks {layer.expert_ranks}" if layer.expert_ranks is not None else ""
             lines.append(f"[hellora]   layer {layer.layer}: adapted experts {hot}{ranks}")
         lines.append(f"[hellora] trainable parameters: {trainable_summary(plan)}")
+        allocated = sum(p.numel() for p in self._model.parameters() if p.requires_grad)
+        if allocated != plan.trainable_params:
+            lines.append(
+                f"[hellora]   {plan.trainable_params:,} act on the output now; {allocated:,} are allocated as "
+                "trainable tensors (Lightning's summary counts these), the rest masked: "
+                + ("DR-LoRA's inactive rank slices, which grow into use" if plan.dynamic_rank else "outside the mask")
+            )
         rank_zero_info("\n".join(lines))
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
