@@ -1,4 +1,9 @@
+import math
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -9,6 +14,12 @@ from torch.utils.data import DataLoader
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# `datasets` caches every file it reads under ~/.cache/huggingface/datasets: shared by every run of the
+# suite on the machine (two at once write the same entries) and growing with each run's tmp_path files.
+# This session's own folder, removed at exit; subprocesses inherit it. Set before `datasets` is imported.
+_DATASETS_CACHE = tempfile.TemporaryDirectory(prefix="hellora-tests-datasets-")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE.name
 
 from hellora_pl.adapters.experts import expert_adapter  # noqa: E402
 from hellora_pl.backbones import BackboneConfig, load_backbone  # noqa: E402
@@ -110,7 +121,7 @@ def make_trainer(root, max_steps, callbacks, version=0, **kwargs):
 def tiny_twin_cli(config: Path, root: Path, *overrides: str):
     """The CLI set up (not run) for a tiny twin config: 3 steps, small data, logs under `root`.
 
-    Run from the repo root: the twins name ../shared/data relative to it.
+    Any working directory will do: the twins name their data relative to the config file.
     """
     from hellora_pl.cli import HelloraCLI
     from hellora_pl.module import HelloraModule
@@ -126,3 +137,58 @@ def tiny_twin_cli(config: Path, root: Path, *overrides: str):
             "--data.init_args.train.limit=48", "--data.init_args.val_size=8",
         ],
     )  # fmt: skip
+
+
+# Plans from different process layouts or machines: plan.json's gate_mass is a float sum of routing
+# weights (float32, summed in float64, rounded to 6 decimals). Another thread count, SIMD width or
+# reduction order moves each weight by a few float32 ulps (measured: 2.8e-7 on a sum of 3.1), and the
+# rounding can then flip the 6th decimal (3.115729 vs 3.11573). rtol 1e-5 is ~100x that drift; atol
+# 2e-6 covers one flipped last digit. A token routed elsewhere moves a count, compared exactly.
+PLAN_RTOL, PLAN_ATOL = 1e-5, 2e-6
+
+
+def assert_plans_match(got, want, rtol: float = PLAN_RTOL, atol: float = PLAN_ATOL) -> None:
+    """Two AdapterPlans field by field: every float within (rtol, atol), everything else exactly."""
+    mismatches: list[str] = []
+    _compare_fields(got.to_dict(), want.to_dict(), "plan", rtol, atol, mismatches)
+    assert not mismatches, "plans differ:\n  " + "\n  ".join(mismatches)
+
+
+def _compare_fields(got, want, where: str, rtol: float, atol: float, mismatches: list[str]) -> None:
+    if isinstance(got, dict) and isinstance(want, dict):
+        if got.keys() != want.keys():
+            mismatches.append(f"{where}: keys {sorted(got)} != {sorted(want)}")
+            return
+        for key in got:
+            _compare_fields(got[key], want[key], f"{where}.{key}", rtol, atol, mismatches)
+    elif isinstance(got, list) and isinstance(want, list):
+        if len(got) != len(want):
+            mismatches.append(f"{where}: {len(got)} items != {len(want)}: {got} != {want}")
+            return
+        for index, (a, b) in enumerate(zip(got, want)):
+            _compare_fields(a, b, f"{where}[{index}]", rtol, atol, mismatches)
+    elif isinstance(got, float) or isinstance(want, float):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (got, want))
+        if not (numbers and math.isclose(got, want, rel_tol=rtol, abs_tol=atol)):
+            mismatches.append(f"{where}: {got!r} != {want!r} (rtol {rtol}, atol {atol})")
+    elif type(got) is not type(want) or got != want:
+        mismatches.append(f"{where}: {got!r} != {want!r}")
+
+
+@contextmanager
+def private_rendezvous() -> Iterator[dict[str, str]]:
+    """The environment for ONE multi-process run (gloo, env://) whose rendezvous store this process hosts.
+
+    Lightning picks MASTER_PORT by binding port 0, closing it and letting rank 0 bind it again later:
+    another suite running beside this one can take the port in between. Here the store binds port 0
+    and holds it until the run is over, so no one else can; TORCHELASTIC_USE_AGENT_STORE makes every
+    rank connect to it as a client (torch.distributed.rendezvous). A store serves one run: the next
+    run's ranks would read the last one's keys, so each run takes a fresh one.
+    """
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(minutes=5))
+    try:
+        yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    finally:
+        del store

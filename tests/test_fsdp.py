@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import assert_plans_match, private_rendezvous
 from hellora_pl.adapters import AdapterPlan
 
 HERE = Path(__file__).resolve().parent
@@ -79,9 +80,11 @@ def _run_sharded(root: Path, max_steps: int, ckpt_path: Path | None = None, quan
     args = [sys.executable, str(Path(__file__).resolve()), str(root), str(max_steps), str(ckpt_path or "")]
     args.append(quantization or "")
     env = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
         env.pop(name, None)
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=150)
+    with private_rendezvous() as rendezvous:  # a port no suite running beside this one can take
+        # the whole test takes ~60 s on 2 cores; the limit leaves room for a second suite running beside it
+        done = subprocess.run(args, env={**env, **rendezvous}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -92,7 +95,8 @@ def test_two_process_fsdp_matches_single_process_plan_and_resumes(tmp_path):
     _run_sharded(tmp_path / "two", 3)
     plans = list((tmp_path / "two").rglob("plan.json"))
     assert [p.relative_to(tmp_path / "two") for p in plans] == [Path("run/version_0/hellora/plan.json")]
-    assert AdapterPlan.read(plans[0]) == single
+    # Same experts, counts and sizes; gate_mass sums were reduced in another order (and thread count).
+    assert_plans_match(AdapterPlan.read(plans[0]), single)
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
     expected = {str(k): v for k, v in single.hot_experts().items()}
     assert [r["hot"] for r in ranks] == [expected, expected]
@@ -121,7 +125,8 @@ def test_two_process_fsdp_on_a_4bit_base_keeps_nf4_whole_and_shards_the_rest(tmp
     single = json.loads((tmp_path / "one" / "rank0.json").read_text())
 
     _run_sharded(tmp_path / "two", 3, quantization="nf4")
-    assert AdapterPlan.read(tmp_path / "two" / "run" / "version_0" / "hellora" / "plan.json") == single_plan
+    two_plan = AdapterPlan.read(tmp_path / "two" / "run" / "version_0" / "hellora" / "plan.json")
+    assert_plans_match(two_plan, single_plan)  # gate_mass: another reduction order, within tolerance
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["step"] for r in ranks] == [3, 3] and ranks[0]["hot"] == ranks[1]["hot"] == single["hot"]
     assert [r["nf4"] for r in ranks] == [single["nf4"], single["nf4"]] and single["nf4"] > 0  # whole on each rank

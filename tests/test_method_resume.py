@@ -114,7 +114,7 @@ def test_hellori_resumes_after_the_mask_switch(tmp_path):
 
     # After four more steps: same plan, masks and A; B moved, but only inside its mask.
     injection = injection_of(callbacks)
-    assert injection.plan == checkpoint_plan
+    assert injection.plan == checkpoint_plan  # restored, not recomputed: exact
     tensors = adapter_state_dict(module.model)
     assert all(torch.equal(tensors[n], saved_masks[n]) for n in saved_masks)
     assert all(torch.equal(tensors[n], saved_A[n]) for n in saved_A)
@@ -160,7 +160,8 @@ def test_dr_lora_resumes_its_ranks_and_statistics(tmp_path):
     assert saved_state["frequency"] and saved_state["importance"]
     assert at_start.seen["state"] == saved_state
 
-    # Both runs end in the same place: plan, ranks and the callback's statistics.
+    # Both runs end in the same place: plan, ranks and the callback's statistics. Exactly: one process,
+    # the same threads and batches, so the resumed run repeats the uninterrupted one's float operations.
     assert injection_of(callbacks).plan == injection_of(straight_callbacks).plan
     straight_dynamic, resumed_dynamic = (dynamic_of(cbs) for cbs in (straight_callbacks, callbacks))
     assert resumed_dynamic.state_dict() == straight_dynamic.state_dict()
@@ -225,6 +226,7 @@ def test_router_aux_loss_coef_adds_the_load_balancing_loss(tmp_path):
     without = plain(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
     outputs = balanced(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
     assert without.aux_loss is None and outputs.aux_loss is not None and outputs.aux_loss > 0
+    # Exactly: the same weights and ops in this process; the sum is the one the model computes.
     assert torch.equal(outputs.loss, without.loss + coef * outputs.aux_loss)
 
     trainer = make_trainer(tmp_path, 1, [HotExpertInjectionCallback(rank=RANK, alpha=2 * RANK)])
@@ -257,4 +259,4 @@ def test_evaluation_loss_leaves_the_aux_loss_out():
         with torch.no_grad():
             train_loss = module(ids, torch.ones_like(ids), ids).loss
         assert (train_loss > losses[coef]) == (coef > 0)
-    assert torch.equal(losses[0.0], losses[0.5])
+    assert torch.equal(losses[0.0], losses[0.5])  # the same forward in this process: the aux loss is left out, not 0x

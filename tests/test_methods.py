@@ -208,6 +208,6 @@ def test_dr_lora_inactive_rank_slices_have_no_effect(tmp_path):
                     adapter.lora_A[name][slot, active:] = 5.0
                     adapter.lora_B[name][slot, :, active:] = 5.0
         perturbed = model(input_ids=ids).logits
-        assert torch.equal(reference, perturbed)
+        assert torch.equal(reference, perturbed)  # exactly: the same forward, and inactive slices take no part
         layer_expert_adapter(architecture_for(model).moe_layers(model)[0]).lora_active_rank += 1  # now they act
         assert not torch.allclose(reference, model(input_ids=ids).logits)

@@ -71,7 +71,7 @@ def test_save_and_load_adapter_reproduces_outputs(model, token_batch, tmp_path):
     assert loaded_plan == plan
     with torch.no_grad():
         got = fresh(**token_batch).logits
-    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)  # bit-identical tensors, same forward, same process
 
 
 def test_merged_model_equals_adapted_and_saves_pretrained(model, token_batch, tmp_path):

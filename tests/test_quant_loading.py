@@ -41,7 +41,7 @@ def test_quantizing_while_loading_equals_quantizing_after_loading(tmp_path, fami
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     ids = torch.randint(0, 30, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, reference(ids).logits)
+        assert torch.equal(loaded(ids).logits, reference(ids).logits)  # bit-identical storage, same forward here
     # Nothing dense is left behind in place of a quantized tensor.
     dense = {n for n, p in loaded.named_parameters() if p.numel() > 0}
     assert not dense & {t.name for t in quantization_targets(reference)}
@@ -112,7 +112,7 @@ def test_quantizing_in_chunks_gives_bitsandbytes_whole_tensor_codes(monkeypatch,
     assert torch.equal(quantized.absmax.reshape(-1), state.absmax.reshape(-1))
     if double_quant:
         assert torch.equal(quantized.absmax_scale, state.state2.absmax)
-        assert float(quantized.absmax_offset) == float(state.offset)
+        assert float(quantized.absmax_offset) == float(state.offset)  # both absmax.mean() of one tensor, here
 
 
 def test_the_qlora_config_fits_from_a_saved_checkpoint(tmp_path, shared_data, monkeypatch):
