@@ -5,6 +5,7 @@ from hellora_pl.datamodules.code import CodeDataModule
 from hellora_pl.datamodules.collate import CausalLMCollator, PromptCollator, tokenize_prompt_response
 from hellora_pl.datamodules.instruction import InstructionDataModule
 from hellora_pl.datamodules.math import MathDataModule
+from hellora_pl.datamodules.resumable import ResumableDataLoader
 from hellora_pl.datamodules.safety import SafetyDataModule
 from hellora_pl.datamodules.sampler import EpochShuffleSampler
 from hellora_pl.datamodules.sources import DataSource
@@ -19,6 +20,7 @@ __all__ = [
     "InstructionDataModule",
     "MathDataModule",
     "PromptCollator",
+    "ResumableDataLoader",
     "SafetyDataModule",
     "build_char_tokenizer",
     "generate_arithmetic_problems",

@@ -2,9 +2,12 @@
 
 Lightning calls `set_epoch` on a sampler that has it at the start of every epoch. That number
 is one too high after resuming from a checkpoint written at an epoch's end (Lightning 2.6 counts
-the replayed epoch end again), so a datamodule should pass `epoch_fn` returning the trainer's
-`current_epoch`; then a resumed run sees exactly the batches an uninterrupted run would. A
-stateful generator (DataLoader(shuffle=True, generator=...)) would restart its stream instead.
+the replayed epoch end again), and on a resume it comes after the loader's iterator was built.
+So the epoch must come from the trainer when the iterator is built: either the loader sets it
+(hellora_pl's datamodules use `ResumableDataLoader`, which also restores the position inside the
+epoch), or, with a plain DataLoader, pass `epoch_fn` returning the trainer's `current_epoch`
+(it then overrides `set_epoch`). A stateful generator (DataLoader(shuffle=True, generator=...))
+would restart its stream instead.
 """
 
 from __future__ import annotations
