@@ -43,6 +43,10 @@ from .datamodules.paths import check_data_files
 from .module import HelloraModule, check_vocabulary
 
 PROG = "python -m hellora_pl"
+DESCRIPTION = (
+    "Fine-tune a Mixture-of-Experts LM with adapters where the router sends tokens (fit, validate, test). "
+    f"`{PROG} export --help`: a run's adapters to a PEFT adapter or a merged model."
+)
 
 # Group on the command line -> the callback it builds. Order matters: the injection callback's
 # setup runs its checks before it asks the profiler for a profile.
@@ -249,7 +253,7 @@ def main(args=None) -> None:
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": False},
             # a typo in a flag is an error, not a prefix match; errors come back to us to print short
-            parser_kwargs={"allow_abbrev": False, "exit_on_error": False, "prog": PROG},
+            parser_kwargs={"allow_abbrev": False, "exit_on_error": False, "prog": PROG, "description": DESCRIPTION},
             args=args,
         )
     except USER_ERRORS as err:
