@@ -203,7 +203,18 @@ def test_signal_handlers_are_replaced_during_training_only_and_lightning_never_s
     assert handlers() == before
 
 
-def test_a_second_ctrl_c_aborts_at_once_without_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("inherited", [signal.default_int_handler, signal.SIG_IGN], ids=["foreground", "background"])
+def test_a_second_ctrl_c_aborts_at_once_without_a_checkpoint(tmp_path, inherited):
+    # A job started in the background by a shell without job control inherits SIGINT ignored;
+    # the first Ctrl-C is still caught, and the second must still abort.
+    original = signal.signal(signal.SIGINT, inherited)
+    try:
+        _second_ctrl_c_aborts(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, original)
+
+
+def _second_ctrl_c_aborts(tmp_path):
     before = handlers()
     interrupt = InterruptCheckpoint()
     trainer = make_trainer(

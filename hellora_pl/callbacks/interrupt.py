@@ -92,7 +92,8 @@ class InterruptCheckpoint(Callback):
         if self.received is not None:
             return
         self.received = signal.Signals(signum)
-        self._restore_handlers()  # a second signal gets the previous behaviour (Ctrl-C: abort at once)
+        for other, previous in self._previous.items():  # a second signal aborts at once
+            signal.signal(other, _abort_handler(other, previous))
         if self._is_global_zero:
             # os.write: print() from a signal handler can hit a reentrant write on the same stream.
             message = (
@@ -105,6 +106,7 @@ class InterruptCheckpoint(Callback):
                 pass
 
     def _restore_handlers(self) -> None:
+        """Back to the handlers found at the start of training (SIG_IGN included)."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
@@ -158,3 +160,11 @@ def resume_hint(checkpoint_path: Path) -> list[str]:
     if command is None:
         return [f"[hellora] resume with trainer.fit(model, datamodule, ckpt_path={str(checkpoint_path)!r})"]
     return [f"[hellora] resume (from {Path.cwd()}) with:", f"    {command}"]
+
+
+def _abort_handler(signum: int, previous):
+    """What a second signal does: the previous handler, or, where the process ignored the signal
+    (a job started in the background inherits SIG_IGN for SIGINT), the default that ends the run."""
+    if callable(previous):
+        return previous
+    return signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
