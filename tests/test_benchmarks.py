@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,8 @@ def bench(monkeypatch):
         return importlib.import_module(name)
 
     yield load
-    for name in ("expert_path", "train_throughput", "_common"):
+    scripts = ("expert_path", "train_throughput", "sandbox_timing", "sandbox_overhead", "_sandbox_programs")
+    for name in (*scripts, "_common"):
         sys.modules.pop(name, None)
 
 
@@ -93,3 +96,65 @@ def test_train_throughput_smoke(bench, tmp_path):
     assert len(data["checks"]) == 3
     assert set(data["summary"]) >= {"hellora_throughput_over_peft", "lora_throughput_over_peft"}
     assert "FAIL" not in markdown
+
+
+def test_sandbox_timing_smoke(bench, tmp_path, shared_data):
+    sandbox_timing = bench("sandbox_timing")
+    payload = sandbox_timing.main(["--smoke", "--data", str(shared_data), "--out", str(tmp_path)])
+    data, markdown = written(tmp_path, "sandbox_timing")
+    assert data == json.loads(json.dumps(payload))
+
+    assert [run["workers"] for run in data["runs"]] == [1, 2]
+    for run in data["runs"]:
+        assert set(run["benchmarks"]) == {"humaneval", "mbpp"}
+        for name, b in run["benchmarks"].items():
+            assert b["programs"] == b["passed"] == 3 and b["timeouts"] == 0 and b["not_passed"] == {}
+            durations = b["durations_s"]
+            assert len(durations) == 3 and min(durations.values()) > 0
+            assert b["max_s"] == max(durations.values()) == b["slowest"][0][1]
+            assert 0 < b["p50"] <= b["p90"] <= b["p99"] <= b["max_s"]
+        every = {task: s for b in run["benchmarks"].values() for task, s in b["durations_s"].items()}
+        assert run["slowest"] == [max(every, key=every.get), max(every.values())]
+    two_workers = data["runs"][1]["slowest"][1]
+    assert data["margin"] == 4.5 and data["suggested_timeout_s"] == math.ceil(two_workers * 4.5)
+    assert f"Suggested default timeout: {data['suggested_timeout_s']} s" in markdown
+    assert "uptime before" in markdown and data["uptime_before"]
+
+
+def test_sandbox_overhead_smoke_never_runs_a_missing_layer_as_another_mode(bench, tmp_path, shared_data, monkeypatch):
+    sandbox_overhead = bench("sandbox_overhead")
+    missing = sandbox_overhead.Mode("needs a layer this sandbox lacks", "all", required=("no-such-layer",))
+    monkeypatch.setattr(sandbox_overhead, "MODES", (*sandbox_overhead.MODES, missing))
+    sandbox_overhead.main(["--smoke", "--data", str(shared_data), "--out", str(tmp_path)])
+    data, markdown = written(tmp_path, "sandbox_overhead")
+
+    modes = data["modes"]
+    assert modes[missing.name].startswith("not available: the sandbox has no layer named ['no-such-layer']")
+    assert modes[sandbox_overhead.BASELINE] == modes["sandbox without bubblewrap (own layers)"] == "ok"
+    assert modes["sandbox with bubblewrap"] == "ok" or modes["sandbox with bubblewrap"].startswith("not available")
+    rows = {(r["mode"], r["workers"]): r for r in data["rows"]}
+    assert len(rows) == 2 * len(modes)
+    for (mode, workers), row in rows.items():
+        if modes[mode] != "ok":
+            assert "total_s" not in row  # never timed as some other mode
+            continue
+        assert row["passed"] == "4/4" and row["total_s"] > 0 and row["per_program_mean_ms"] > 0
+        if mode == sandbox_overhead.BASELINE:
+            assert row["total_over_baseline"] == 1.0 and row["layers_held"] == [""]
+        elif mode == "sandbox with bubblewrap":
+            assert all("bwrap" in held.split(", ") for held in row["layers_held"])
+        else:
+            assert not any("bwrap" in held.split(", ") for held in row["layers_held"])
+    assert missing.name in markdown and "x baseline" in markdown
+
+
+def test_sandbox_overhead_mode_whose_layer_does_not_hold_is_not_available(bench, monkeypatch):
+    """A layer the sandbox names but that did not hold on this machine makes its mode unavailable."""
+    sandbox_overhead = bench("sandbox_overhead")
+    sandbox = sandbox_overhead.sandbox
+    held_nothing = SimpleNamespace(passed=True, status="passed", reason="passed", isolation=("rlimits", "session"))
+    monkeypatch.setattr(sandbox, "run_program", lambda source, limits, layers=None: held_nothing)
+    layer = sandbox.OPTIONAL_LAYERS[0]
+    mode = sandbox_overhead.Mode("needs one layer", "all", required=(layer,))
+    state = sandbox_overhead.availability(mode, sandbox.SandboxLimits())
+    assert state == f"not available: layer(s) ['{layer}'] did not hold on this machine (held: ['rlimits', 'session'])"

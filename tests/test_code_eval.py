@@ -9,6 +9,7 @@ from fractions import Fraction
 from math import comb
 
 import pytest
+from sandbox_probes import MODES, require
 
 from hellora_pl.evaluation.code import (
     HUMANEVAL_STOP,
@@ -29,6 +30,14 @@ KNOWN_MBPP_TEST_FAILURES = {341}
 # Task 123 (amicable numbers below 9999) takes ~3 s alone and several times that on two busy cores.
 MBPP_LIMITS = SandboxLimits(timeout_s=30.0)
 HUMANEVAL_LIMITS = SandboxLimits(timeout_s=10.0)
+# The reference solutions must pass with bubblewrap and with the project's own layers (issue 13).
+SANDBOX_MODES = ("bwrap", "own")
+
+
+def sandbox_layers(mode: str) -> tuple[str, ...] | None:
+    layers = MODES[mode]
+    require(layers, {"bwrap"} if mode == "bwrap" else {"pidns", "seccomp"})
+    return layers
 
 # --- pass@k --------------------------------------------------------------------------------------------
 
@@ -97,9 +106,10 @@ def humaneval(shared_data):
     return load_humaneval(str(shared_data / "humaneval" / "HumanEval.jsonl.gz"))
 
 
-def test_every_humaneval_canonical_solution_passes(humaneval):
+@pytest.mark.parametrize("mode", SANDBOX_MODES)
+def test_every_humaneval_canonical_solution_passes(humaneval, mode):
     programs = [humaneval_program(problem, problem["canonical_solution"]) for problem in humaneval]
-    results = run_programs(programs, HUMANEVAL_LIMITS, workers=4)
+    results = run_programs(programs, HUMANEVAL_LIMITS, workers=4, layers=sandbox_layers(mode))
     failing = {problem["task_id"]: r.reason for problem, r in zip(humaneval, results) if not r.passed}
     assert failing == {}
     assert sum(r.passed for r in results) == len(humaneval) == 164
@@ -164,14 +174,32 @@ def test_mbpp_split_sizes(mbpp_path):
         load_mbpp(mbpp_path.replace("mbpp.jsonl", "nowhere.jsonl"))
 
 
-def test_mbpp_reference_solutions_pass(mbpp_path):
+@pytest.mark.parametrize("mode", SANDBOX_MODES)
+def test_mbpp_reference_solutions_pass(mbpp_path, mode):
     problems = load_mbpp(mbpp_path, "test")
-    results = run_programs([mbpp_program(problem, problem["code"]) for problem in problems], MBPP_LIMITS, workers=4)
+    programs = [mbpp_program(problem, problem["code"]) for problem in problems]
+    results = run_programs(programs, MBPP_LIMITS, workers=4, layers=sandbox_layers(mode))
     failing = {problem["task_id"]: f"{r.status}: {r.reason}" for problem, r in zip(problems, results) if not r.passed}
     passes = len(problems) - len(failing)
     print(f"MBPP test split: {passes}/{len(problems)} reference solutions pass; failing: {failing}")
     assert passes >= 490
     assert set(failing) <= KNOWN_MBPP_TEST_FAILURES, failing
+
+
+# Reference code of the other splits that fails its own asserts: 596 compares sys.getsizeof of a tuple
+# with a byte count from another Python build; 642 turns sets into tuples, whose order under
+# PYTHONHASHSEED=0 is not the one its test expects.
+KNOWN_MBPP_OTHER_FAILURES = {596, 642}
+
+
+def test_mbpp_reference_solutions_of_the_other_splits_pass(mbpp_path):
+    """Acceptance 2 of issue 13 covers all four splits (971 of 974 with the test split's 499)."""
+    problems = [problem for split in ("prompt", "validation", "train") for problem in load_mbpp(mbpp_path, split)]
+    programs = [mbpp_program(problem, problem["code"]) for problem in problems]
+    results = run_programs(programs, MBPP_LIMITS, workers=4)
+    failing = {problem["task_id"]: f"{r.status}: {r.reason}" for problem, r in zip(problems, results) if not r.passed}
+    assert len(problems) == 474
+    assert set(failing) == KNOWN_MBPP_OTHER_FAILURES, failing
 
 
 def test_mbpp_program_puts_setup_after_the_code():
@@ -235,3 +263,49 @@ def test_truncate_completion():
     assert truncate_completion("    if x:\n        return 1\n    return 2\nif __name__", HUMANEVAL_STOP) == (
         "    if x:\n        return 1\n    return 2"
     )
+
+
+# --- timeouts, counted apart from failures -------------------------------------------------------------
+
+
+def test_a_program_past_its_time_limit_is_a_timeout_in_the_metric_and_the_jsonl(tmp_path):
+    """One problem, three samples: correct, wrong, and correct but sleeping past the 1 s limit.
+
+    The metric logs the sleeper as a timeout (not only as "not passed") and the per-sample JSONL says
+    "timeout" for it and "failed" for the wrong one; pass@1 is the same 1/3 it always was.
+    """
+    from types import SimpleNamespace
+
+    from hellora_pl.evaluation.generation import GenerationConfig
+    from hellora_pl.evaluation.runner import BenchmarkRunner
+    from hellora_pl.evaluation.tasks import CodeTask
+
+    problem = {
+        "task_id": "T/0",
+        "prompt": "def f():\n",
+        "canonical_solution": "    return 1\n",
+        "test": "def check(candidate):\n    assert candidate() == 1\n",
+        "entry_point": "f",
+    }
+    sleeper = "    import time\n    time.sleep(60)\n    return 1\n"
+    task = CodeTask("humaneval", [problem], ks=(1,), prompt_style="completion", limits=SandboxLimits(timeout_s=1.0))
+    runner = BenchmarkRunner(task, GenerationConfig(), tokenizer=object())
+    records = task.score([0], [["    return 1\n", "    return 2\n", sleeper]])
+    task.update(runner.metrics["test"], records)
+    runner.records["test"].extend(records)
+    trainer = SimpleNamespace(
+        sanity_checking=False, log_dir=str(tmp_path), default_root_dir=str(tmp_path), global_rank=0, world_size=1,
+        global_step=7,
+    )  # fmt: skip
+
+    values = {key: value.item() for key, value in runner.finish("test", trainer).items()}
+
+    assert values == pytest.approx(
+        {"test/humaneval/pass@1": 1 / 3, "test/humaneval/timeouts": 1.0, "test/humaneval/timeout_rate": 1 / 3},
+        abs=1e-12,
+    )
+    [saved] = [json.loads(line) for line in (tmp_path / "generations" / "test_humaneval_step7.jsonl").open()]
+    assert saved["status"] == ["passed", "failed", "timeout"]
+    assert saved["passed"] == [True, False, False]
+    assert saved["num_correct"] == 1 and saved["num_timeouts"] == 1
+    assert "timed out" in saved["reason"][2]

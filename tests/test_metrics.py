@@ -1,4 +1,5 @@
-"""GSM8KAccuracy, PassAtK and RefusalRate: hand-made values, and exactness under a real 2-process DDP."""
+"""GSM8KAccuracy, PassAtK (with its timeout counts) and RefusalRate: hand-made values, and exactness under a
+real 2-process DDP."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ STRICT = ([True, False, True, True], [False, True, False])
 FLEXIBLE = ([True, True, True, False], [False, True, True])
 NUM_SAMPLES = ([5, 10], [6, 8, 5])
 NUM_CORRECT = ([0, 3], [6, 1, 5])
+NUM_TIMEOUTS = ([2, 0], [0, 4, 0])  # 2 of rank 0's 15 samples time out, 4 of rank 1's 19
 REFUSAL_CATEGORIES = (["category_1", "category_2", "category_1"], ["category_1", "category_1"])
 REFUSED = ([True, False, False], [True, True])
 
@@ -33,7 +35,7 @@ def _update(metrics, shards: range) -> dict[str, float]:
     accuracy, pass_at_k, refusal = metrics
     for shard in shards:
         accuracy.update(STRICT[shard], torch.tensor(FLEXIBLE[shard]))
-        pass_at_k.update(NUM_SAMPLES[shard], torch.tensor(NUM_CORRECT[shard]))
+        pass_at_k.update(NUM_SAMPLES[shard], torch.tensor(NUM_CORRECT[shard]), NUM_TIMEOUTS[shard])
         refusal.update(REFUSAL_CATEGORIES[shard], REFUSED[shard])
     results = {**accuracy.compute(), **pass_at_k.compute(), **refusal.compute()}
     return {key: float(value) for key, value in results.items()}
@@ -60,6 +62,7 @@ def test_ddp_compute_equals_single_process_over_the_union(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     expected = _update(_metrics(), range(2))
     assert "refusal_rate/category_2" in expected and "refusal_rate/category_3" not in expected
+    assert expected["timeouts"] == 6 and expected["timeout_rate"] == pytest.approx(6 / 34, abs=1e-12)
     assert _update(_metrics(), range(1)) != expected  # so a rank that skipped the sync would fail below
     for rank in range(2):
         for mode, seen in torch.load(tmp_path / f"rank{rank}.pt").items():
@@ -72,7 +75,7 @@ def test_empty_updates_change_nothing():
     metrics = _metrics()
     accuracy, pass_at_k, refusal = metrics
     accuracy.update([], torch.tensor([], dtype=torch.bool))
-    pass_at_k.update([], [])
+    pass_at_k.update([], [], [])
     refusal.update([], [])
     assert _update(metrics, range(2)) == _update(_metrics(), range(2))
 
@@ -92,9 +95,9 @@ def test_gsm8k_accuracy_values():
 
 def test_pass_at_k_values_and_errors():
     metric = PassAtK([1, 2])
-    metric.update([5, 10], [1, 3])
+    metric.update([5, 10], [1, 3], [0, 0])
     result = metric.compute()
-    assert set(result) == {"pass@1", "pass@2"}
+    assert set(result) == {"pass@1", "pass@2", "timeouts", "timeout_rate"}
     assert result["pass@1"].item() == pytest.approx((1 / 5 + 3 / 10) / 2)
     assert result["pass@2"].item() == pytest.approx(
         ((1 - comb(4, 2) / comb(5, 2)) + (1 - comb(7, 2) / comb(10, 2))) / 2
@@ -102,14 +105,32 @@ def test_pass_at_k_values_and_errors():
     with pytest.raises(
         ValueError, match=r"pass@2 needs at least 2 samples per problem, but problem 1 of the batch has num_samples=1"
     ):
-        metric.update([3, 1], [1, 0])
+        metric.update([3, 1], [1, 0], [0, 0])
     with pytest.raises(ValueError, match=r"num_correct=4 must lie in \[0, num_samples=3\]"):
-        metric.update([3], [4])
+        metric.update([3], [4], [0])
     assert metric.problems.item() == 2  # rejected batches leave the state untouched
     with pytest.raises(ValueError, match="distinct positive"):
         PassAtK([1, 1])
     with pytest.raises(ValueError, match="distinct positive"):
         PassAtK([0])
+
+
+def test_pass_at_k_counts_timeouts_apart_from_failures():
+    """Timeouts are reported per sample beside pass@k and do not change pass@k."""
+    with_timeouts, without = PassAtK([1, 2]), PassAtK([1, 2])
+    with_timeouts.update([5, 10], [1, 3], [4, 2])  # problem 0: 1 passed, 4 timed out; problem 1: 3 passed, 2 timed out
+    without.update([5, 10], [1, 3], [0, 0])
+    got, plain = with_timeouts.compute(), without.compute()
+    for key in ("pass@1", "pass@2"):
+        assert got[key].item() == plain[key].item()  # same float ops on the same counts: exact
+    assert got["timeouts"].item() == 6 and plain["timeouts"].item() == 0
+    assert got["timeout_rate"].item() == pytest.approx(6 / 15, abs=1e-12)
+    assert plain["timeout_rate"].item() == 0.0
+    with pytest.raises(ValueError, match=r"num_timeouts=3 must lie in \[0, num_samples - num_correct=2\]"):
+        with_timeouts.update([3], [1], [3])
+    with pytest.raises(ValueError, match="differ in length"):
+        with_timeouts.update([3, 3], [1, 1], [0])
+    assert with_timeouts.samples.item() == 15  # rejected batches leave the state untouched
 
 
 def test_refusal_rate_values_and_errors():

@@ -59,7 +59,12 @@ class GSM8KAccuracy(torchmetrics.Metric):
 
 
 class PassAtK(torchmetrics.Metric):
-    """Mean unbiased pass@k over problems, for several k at once."""
+    """Mean unbiased pass@k over problems, for several k at once, and how many samples timed out.
+
+    A timeout is counted apart from a failure: a correct program that a loaded machine cuts off at the
+    wall clock lowers pass@k just as a wrong one does, and ``timeouts`` / ``timeout_rate`` (per sample)
+    say how much of the score that was. pass@k itself does not depend on them.
+    """
 
     full_state_update = False
     higher_is_better = True
@@ -70,23 +75,39 @@ class PassAtK(torchmetrics.Metric):
         self.ks = _check_ks(ks)
         self.add_state("pass_sum", default=torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("problems", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("samples", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("timeouts", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, num_samples: Tensor | Sequence[int], num_correct: Tensor | Sequence[int]) -> None:
+    def update(
+        self,
+        num_samples: Tensor | Sequence[int],
+        num_correct: Tensor | Sequence[int],
+        num_timeouts: Tensor | Sequence[int],
+    ) -> None:
+        """Per problem: samples drawn, samples that passed, samples stopped by the time limit."""
         n_t = _as_tensor(num_samples, torch.long, "num_samples")
         c_t = _as_tensor(num_correct, torch.long, "num_correct")
-        _same_length(num_samples=n_t, num_correct=c_t)
-        pairs = list(zip(n_t.tolist(), c_t.tolist()))
-        for index, (n, c) in enumerate(pairs):
-            self._check_problem(index, n, c)
-        estimates = [[pass_at_k(n, c, k) for k in self.ks] for n, c in pairs]
+        t_t = _as_tensor(num_timeouts, torch.long, "num_timeouts")
+        _same_length(num_samples=n_t, num_correct=c_t, num_timeouts=t_t)
+        triples = list(zip(n_t.tolist(), c_t.tolist(), t_t.tolist()))
+        for index, (n, c, t) in enumerate(triples):
+            self._check_problem(index, n, c, t)
+        estimates = [[pass_at_k(n, c, k) for k in self.ks] for n, c, _ in triples]
         if estimates:
             self.pass_sum += torch.tensor(estimates, dtype=torch.float64, device=self.pass_sum.device).sum(0)
-        self.problems += len(pairs)
+        self.problems += len(triples)
+        self.samples += sum(n for n, _, _ in triples)
+        self.timeouts += sum(t for _, _, t in triples)
 
-    def _check_problem(self, index: int, n: int, c: int) -> None:
+    def _check_problem(self, index: int, n: int, c: int, t: int) -> None:
         """Reject counts the estimator is undefined for, before any state changes."""
         if not 0 <= c <= n:
             raise ValueError(f"problem {index} of the batch: num_correct={c} must lie in [0, num_samples={n}]")
+        if not 0 <= t <= n - c:
+            raise ValueError(
+                f"problem {index} of the batch: num_timeouts={t} must lie in [0, num_samples - num_correct={n - c}]"
+                " (a sample that timed out did not pass)"
+            )
         if max(self.ks) > n:
             raise ValueError(
                 f"pass@{max(self.ks)} needs at least {max(self.ks)} samples per problem, but problem {index} "
@@ -95,7 +116,10 @@ class PassAtK(torchmetrics.Metric):
 
     def compute(self) -> dict[str, Tensor]:
         means = self.pass_sum / self.problems.double()
-        return {f"pass@{k}": means[i] for i, k in enumerate(self.ks)}
+        result = {f"pass@{k}": means[i] for i, k in enumerate(self.ks)}
+        result["timeouts"] = self.timeouts.double()  # float so loggers reduce it without a dtype warning
+        result["timeout_rate"] = self.timeouts.double() / self.samples.double()
+        return result
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:

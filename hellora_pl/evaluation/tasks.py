@@ -178,15 +178,20 @@ class CodeTask(EvalTask):
                     "task_id": self._problems[index]["task_id"],
                     "completions": list(samples),
                     "passed": [r.passed for r in outcome],
-                    "status": [r.status for r in outcome],
+                    "status": [r.status for r in outcome],  # passed/failed/timeout/...: a timeout is not "failed"
                     "reason": [r.reason for r in outcome],
                     "num_correct": sum(r.passed for r in outcome),
+                    "num_timeouts": sum(r.status == "timeout" for r in outcome),
                 }
             )
         return records
 
     def update(self, metric, records):
-        metric.update([len(r["completions"]) for r in records], [r["num_correct"] for r in records])
+        metric.update(
+            [len(r["completions"]) for r in records],
+            [r["num_correct"] for r in records],
+            [r["num_timeouts"] for r in records],
+        )
 
 
 class RefusalTask(EvalTask):
