@@ -294,3 +294,23 @@ def test_signals_to_the_program_still_end_it():
     result = run_program("import ctypes\nctypes.string_at(0)\n", LIMITS, layers=no_hook)
     assert result.status == "killed" and result.reason == "killed by SIGSEGV", result
     assert result.returncode == -signal.SIGSEGV
+
+
+def test_an_interpreter_in_a_virtual_environment_under_tmp_runs_in_bubblewrap(tmp_path):
+    """bubblewrap mounts a fresh /tmp; an interpreter bound before it was hidden under it, so a
+    checkout with its .venv under /tmp (a CI clone) failed every program ("execvp ...: No such file")."""
+    require(MODES["bwrap"], {"bwrap"})
+    import site
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    code = (
+        "from hellora_pl.evaluation.sandbox import run_program\n"
+        "r = run_program('print(6 * 7)')\n"
+        "print(r.status, 'bwrap' in r.isolation, r.stdout.strip(), r.reason)\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), *site.getsitepackages()])}
+    result = subprocess.run([str(venv / "bin" / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[:3] == ["passed", "True", "42"], result.stdout

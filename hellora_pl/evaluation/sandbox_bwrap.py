@@ -82,8 +82,10 @@ def bwrap_command(root: Path, env: Mapping[str, str]) -> list[str]:
     path = bwrap_path()
     if path is None:
         raise RuntimeError("bubblewrap is not available; install it with `apt-get install bubblewrap`")
-    command = [path, "--die-with-parent", "--new-session", *_namespace_flags(), *_filesystem()]
-    command += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    # The fresh /tmp comes first: binds made before it would be hidden under it (an interpreter in
+    # a virtual environment under /tmp, as in a CI checkout there, then fails to start).
+    command = [path, "--die-with-parent", "--new-session", *_namespace_flags()]
+    command += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", *_filesystem()]
     command += [*_open_parents(str(root), {"/", "/tmp"}), "--bind", str(root), str(root)]
     command += ["--chdir", str(root), "--clearenv"]
     for name, value in env.items():
