@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
+from _common import machine_markdown
 
 from hellora_pl.evaluation.code import MBPP_SPLITS, humaneval_program, load_humaneval, load_mbpp, mbpp_program
 
@@ -71,3 +72,15 @@ def uptime() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unavailable"
+
+
+def machine_section(payload: dict) -> list[str]:
+    """The markdown "Machine" section of a sandbox benchmark: load before and after, then the machine."""
+    return [
+        "",
+        "## Machine",
+        "",
+        f"- uptime before: `{payload['uptime_before']}`",
+        f"- uptime after: `{payload['uptime_after']}`",
+        machine_markdown(payload["machine"]),
+    ]

@@ -27,8 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, load_average, machine_info, machine_markdown, markdown_table, text_table, write_results
-from _sandbox_programs import DEFAULT_DATA, check_data, held_layers, humaneval_programs, percentiles, uptime
+from _common import RESULTS_DIR, load_average, machine_info, markdown_table, text_table, write_results
+from _sandbox_programs import (
+    DEFAULT_DATA,
+    check_data,
+    held_layers,
+    humaneval_programs,
+    machine_section,
+    percentiles,
+    uptime,
+)
 
 from hellora_pl.evaluation import sandbox
 
@@ -257,12 +265,7 @@ def render_markdown(payload: dict) -> str:
         "",
         *[f"- {name}: {state}" for name, state in payload["modes"].items()],
         f"- the sandbox's layer names: {payload['sandbox_layer_names']}",
-        "",
-        "## Machine",
-        "",
-        f"- uptime before: `{payload['uptime_before']}`",
-        f"- uptime after: `{payload['uptime_after']}`",
-        machine_markdown(payload["machine"]),
+        *machine_section(payload),
     ]
     return "\n".join(lines)
 

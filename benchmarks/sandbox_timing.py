@@ -23,13 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, load_average, machine_info, machine_markdown, markdown_table, text_table, write_results
+from _common import RESULTS_DIR, load_average, machine_info, markdown_table, text_table, write_results
 from _sandbox_programs import (
     DEFAULT_DATA,
     Program,
     check_data,
     held_layers,
     humaneval_programs,
+    machine_section,
     mbpp_programs,
     percentiles,
     uptime,
@@ -184,12 +185,7 @@ def render_markdown(payload: dict) -> str:
             if b["not_passed"]:
                 lines.append(f"  - not passed: {b['not_passed']}")
     lines += [
-        "",
-        "## Machine",
-        "",
-        f"- uptime before: `{payload['uptime_before']}`",
-        f"- uptime after: `{payload['uptime_after']}`",
-        machine_markdown(payload["machine"]),
+        *machine_section(payload),
     ]
     return "\n".join(lines)
 
