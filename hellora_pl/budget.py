@@ -71,7 +71,7 @@ from torch import nn
 from .adapters import METHODS, build_plan, count_plan_params
 from .adapters.common import check_rank
 from .adapters.methods import method_defaults
-from .adapters.plan import AdapterPlan
+from .adapters.plan import AdapterPlan, DynamicRankSpec, LoRISpec
 from .backbones import architecture_for, supported_model_types
 from .backbones.shapes import SHAPES, meta_model, shape_config
 from .memory import QUANTIZATIONS, MemorySettings, memory_report
@@ -394,8 +394,8 @@ def budget(
         planned_router_rank = None
     else:
         planned_router_rank = rank if router_rank is None else router_rank
-    lori = {"density": lori_density, "granularity": "model", "masked": True} if defaults.lori else None
-    dynamic = {"rank_init": max(1, rank // 2), "rank_max": rank_max} if defaults.dynamic_rank else None
+    lori = LoRISpec(lori_density, "model", masked=True) if defaults.lori else None
+    dynamic = DynamicRankSpec.for_rank(rank, rank_max=rank_max) if defaults.dynamic_rank else None
     plan = build_plan(
         model,
         policy,
@@ -497,7 +497,7 @@ def budget(
         figures["trainable_params_at_start"] = _figure(
             start_params,
             "params",
-            f"every adapted expert at rank_init={dynamic['rank_init']}",
+            f"every adapted expert at rank_init={dynamic.rank_init}",
             "trainable parameters at start",
         )
     figures.update(
@@ -589,9 +589,9 @@ def budget(
         )
     if dynamic is not None:
         notes.append(
-            f"DR-LoRA: build_plan starts each adapted expert at rank_init={dynamic['rank_init']} "
+            f"DR-LoRA: build_plan starts each adapted expert at rank_init={dynamic.rank_init} "
             f"({start_params:,} trainable); ranks grow to fill a budget of r={rank} per expert "
-            f"({plan.dynamic_rank['budget']:,} rank units), so the figures are at that budget (equal to LoRA at r={rank}); "
+            f"({plan.dynamic_rank.budget:,} rank units), so the figures are at that budget (equal to LoRA at r={rank}); "
             f"tensors are allocated at r_max={rank_max} and masked, so the forward as run costs the r_max figure."
         )
     if method in HOT_K_METHODS and profile is None:
@@ -622,9 +622,10 @@ def budget(
     if method in HOT_K_METHODS:
         settings["hot_k"] = hot_k
     if lori is not None:
-        settings["lori"] = lori
+        settings["lori"] = {"density": lori.density, "granularity": lori.granularity, "masked": lori.masked}
     if dynamic is not None:
-        settings["dynamic_rank"] = plan.dynamic_rank
+        spec = plan.dynamic_rank
+        settings["dynamic_rank"] = {"rank_init": spec.rank_init, "rank_max": spec.rank_max, "budget": spec.budget}
     report = {
         "backbone": {
             "source": source,

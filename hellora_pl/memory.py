@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from .adapters import count_plan_params
-from .adapters.plan import AdapterPlan
+from .adapters.plan import AdapterPlan, LoRISpec
 from .backbones import architecture_for
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -161,7 +161,7 @@ def largest_quantized_tensor(model: nn.Module, settings: MemorySettings, kept: s
 # -- adapters -------------------------------------------------------------------------------
 
 
-def _at_allocated_rank(plan: AdapterPlan, lori: dict | None) -> AdapterPlan:
+def _at_allocated_rank(plan: AdapterPlan, lori: LoRISpec | None) -> AdapterPlan:
     """A copy of `plan` with every expert at its allocated rank and the given LoRI setting."""
     held = copy.deepcopy(plan)
     held.lori = lori
@@ -175,7 +175,7 @@ def adapter_elements(model: nn.Module, plan: AdapterPlan) -> tuple[int, int]:
     held = count_plan_params(model, _at_allocated_rank(plan, None))
     if plan.lori is None:
         return held, held
-    b_only = count_plan_params(model, _at_allocated_rank(plan, {"density": 1.0, "masked": True}))
+    b_only = count_plan_params(model, _at_allocated_rank(plan, LoRISpec(1.0, masked=True)))
     return held, b_only
 
 

@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import TINY_OLMOE, tiny_olmoe
 from hellora_pl.adapters import (
+    DynamicRankSpec,
     ExpertLoRA,
+    LoRISpec,
     adapter_state_dict,
     build_plan,
     inject_adapters,
@@ -49,9 +51,9 @@ def make_plan(model, batch, method: str, router_rank):
         return build_plan(model, AllExperts(), None, **options)
     if method == "dr_lora":
         # rank_max 8, not 6: the adapted expert path's grouped_mm needs 16-byte row strides (r * 4 bytes in fp32)
-        return build_plan(model, AllExperts(), None, dynamic_rank={"rank_init": 2, "rank_max": 8}, **options)
+        return build_plan(model, AllExperts(), None, dynamic_rank=DynamicRankSpec(rank_init=2, rank_max=8), **options)
     if method == "hellori":
-        options["lori"] = {"density": 0.5, "granularity": "model", "masked": True}
+        options["lori"] = LoRISpec(0.5, "model", masked=True)
     return build_plan(model, TopKPerLayer(), routing_profile(model, batch), **options)
 
 

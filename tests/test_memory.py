@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from hellora_pl.adapters import build_plan, inject_adapters
+from hellora_pl.adapters import DynamicRankSpec, LoRISpec, build_plan, inject_adapters
 from hellora_pl.backbones.loading import BackboneConfig, load_backbone
 from hellora_pl.backbones.tiny import TINY_CONFIGS
 from hellora_pl.budget import main, selection_shares, uniform_profile
@@ -30,9 +30,9 @@ def tiny_model(family: str, dtype: str = "bfloat16"):
 
 
 def plan_for(model, method: str, profile=None, adapter_dtype: str = "float32"):
-    options = {"lori": {"density": 0.5, "granularity": "model", "masked": True}} if method == "hellori" else {}
+    options = {"lori": LoRISpec(0.5, "model", masked=True)} if method == "hellori" else {}
     if method == "dr_lora":
-        options["dynamic_rank"] = {"rank_init": 2, "rank_max": 8}
+        options["dynamic_rank"] = DynamicRankSpec(rank_init=2, rank_max=8)
     return build_plan(
         model, TopKPerLayer(k=2), profile or uniform_profile(model), rank=4, alpha=4, router_rank=4,
         dtype=adapter_dtype, method=method, **options,

@@ -90,7 +90,7 @@ def test_hellori_resumes_after_the_mask_switch(tmp_path):
     def probe(trainer):
         injection = injection_of(trainer.callbacks)
         return {
-            "lori": dict(injection.plan.lori),
+            "lori": injection.plan.lori.to_dict(),
             "tensors": {n: t.detach().clone() for n, t in adapter_state_dict(injection.model).items()},
         }
 
@@ -100,7 +100,7 @@ def test_hellori_resumes_after_the_mask_switch(tmp_path):
     )
     state = saved["callbacks"]["HotExpertInjectionCallback"]
     checkpoint_plan = AdapterPlan.from_dict(state["plan"])
-    assert checkpoint_plan.lori["masked"] and checkpoint_plan.lori["switched_at_step"] == 2
+    assert checkpoint_plan.lori.masked and checkpoint_plan.lori.switched_at_step == 2
     saved_masks = {n: t for n, t in state["adapters"].items() if "lora_B_mask" in n}
     saved_A = {n: t for n, t in state["adapters"].items() if ".lora_A" in n}
     assert saved_masks and saved_A
@@ -153,7 +153,7 @@ def test_dr_lora_resumes_its_ranks_and_statistics(tmp_path):
     )
     checkpoint_plan = AdapterPlan.from_dict(saved["callbacks"]["HotExpertInjectionCallback"]["plan"])
     checkpoint_ranks = [r for layer in checkpoint_plan.layers for r in layer.expert_ranks]
-    initial = checkpoint_plan.dynamic_rank["rank_init"]
+    initial = checkpoint_plan.dynamic_rank.rank_init
     assert any(r > initial for r in checkpoint_ranks)  # ranks grew before the checkpoint
     assert at_start.seen["ranks"] == checkpoint_ranks
     saved_state = saved["callbacks"]["DynamicRankCallback"]

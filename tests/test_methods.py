@@ -87,7 +87,7 @@ def test_every_method_trains_only_its_plan(tmp_path, backbone, method):
     if method == "hellori":
         masks = [t for n, t in adapters.items() if "lora_B_mask" in n]
         kept = sum(int(m.sum()) for m in masks)
-        assert plan.lori["masked"] and abs(kept - plan.trainable_params) <= len(masks)
+        assert plan.lori.masked and abs(kept - plan.trainable_params) <= len(masks)
     elif method == "dr_lora":
         effective = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".hellora_lora." not in n)
         for moe in moe_layers:
@@ -140,7 +140,7 @@ def test_hellori_keeps_A_frozen_and_B_zero_outside_its_mask(tmp_path, granularit
 
     model, plan, _ = fit(tmp_path, "qwen2_moe", "hellori", steps=6, extra=[Snapshot()], granularity=granularity)
     tensors = adapter_state_dict(model)
-    assert plan.lori == {**plan.lori, "masked": True, "granularity": granularity, "switched_at_step": 2}
+    assert (plan.lori.masked, plan.lori.granularity, plan.lori.switched_at_step) == (True, granularity, 2)
     assert all(torch.equal(seen["A"][n], tensors[n]) for n in seen["A"])  # A never changed
     masks = {n: t for n, t in tensors.items() if "lora_B_mask" in n}
     assert masks and all(m.dtype == torch.bool for m in masks.values())
@@ -154,10 +154,10 @@ def test_hellori_keeps_A_frozen_and_B_zero_outside_its_mask(tmp_path, granularit
 
 def test_hellori_mask_from_a_dense_run_copies_its_A(tmp_path):
     dense_model, dense_plan, _ = fit(tmp_path / "dense", "olmoe", "hellori", steps=3, dense_steps=100)
-    assert not dense_plan.lori["masked"]
+    assert not dense_plan.lori.masked
     dense = tmp_path / "dense" / "run" / "version_0" / "hellora"
     model, plan, _ = fit(tmp_path / "sparse", "olmoe", "hellori", steps=3, mask_from=str(dense))
-    assert plan.lori["masked"] and plan.lori["mask_from"] == str(dense)
+    assert plan.lori.masked and plan.lori.mask_from == str(dense)
     ours, theirs = adapter_state_dict(model), adapter_state_dict(dense_model)
     assert all(torch.equal(ours[n], theirs[n]) for n in ours if ".lora_A" in n)
     kept, dropped = [], []
@@ -184,7 +184,7 @@ def test_dr_lora_ranks_only_grow_within_budget(tmp_path):
             history.append([r for layer in plan.layers for r in layer.expert_ranks])
 
     model, plan, _ = fit(tmp_path, "mixtral", "dr_lora", steps=8, extra=[RankHistory()])
-    budget = plan.dynamic_rank["budget"]
+    budget = plan.dynamic_rank.budget
     assert budget == RANK * 16 and plan.expert_rank == 2 * RANK
     assert history[0] != history[-1]  # ranks grew
     for earlier, later in zip(history, history[1:]):

@@ -234,7 +234,7 @@ def test_triton_entry_runs_4bit_experts(monkeypatch):
 def test_adapters_move_between_4bit_and_16bit_bases(tmp_path, direction):
     """The router LoRA sits after the NF4 parametrization on a 4-bit router: saved names must not depend on it."""
     from hellora_pl.adapters import build_plan, inject_adapters, load_adapter, save_adapter
-    from hellora_pl.adapters.planning import AllExperts
+    from hellora_pl.routing import AllExperts
     from hellora_pl.adapters.router import router_lora
 
     source_q, target_q = ("nf4", None) if direction == "4bit_to_16bit" else (None, "nf4")

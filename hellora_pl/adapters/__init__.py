@@ -1,28 +1,24 @@
-"""Adapters: LoRA for linears, routers and a subset of fused experts; plans; merge; save/load."""
+"""Adapters: plans, their sites in a model, LoRA for linears, routers and a subset of experts; merge; save/load."""
 
 from .experts import ExpertAdapter, ExpertDelta, ExpertLoRA, expert_adapter, layer_expert_adapter
 from .export import export_merged, export_peft
-from .inject import (
-    adapter_modules,
-    adapter_state_dict,
-    count_lora_baseline_params,
-    count_plan_params,
-    inject_adapters,
-    injected_hot_experts,
-    is_injected,
-)
+from .inject import adapter_modules, adapter_state_dict, inject_adapters, injected_hot_experts, is_injected
 from .io import ADAPTER_FILE, PLAN_FILE, load_adapter, load_adapter_weights, save_adapter
 from .linear import LoRALinear
 from .merge import merge_adapters, remove_adapters
-from .plan import METHODS, AdapterPlan, LayerPlan
-from .planning import build_plan
+from .placement import build_plan
+from .plan import METHODS, AdapterPlan, DynamicRankSpec, LayerPlan, LoRISpec
 from .router import RouterLoRA
+from .sites import AdapterSite, adapter_sites, count_lora_baseline_params, count_plan_params, update_trainable_params
 
 __all__ = [
     "ADAPTER_FILE",
     "PLAN_FILE",
     "METHODS",
     "AdapterPlan",
+    "AdapterSite",
+    "DynamicRankSpec",
+    "LoRISpec",
     "ExpertAdapter",
     "ExpertDelta",
     "ExpertLoRA",
@@ -30,6 +26,8 @@ __all__ = [
     "LoRALinear",
     "RouterLoRA",
     "adapter_modules",
+    "adapter_sites",
+    "update_trainable_params",
     "build_plan",
     "adapter_state_dict",
     "count_plan_params",

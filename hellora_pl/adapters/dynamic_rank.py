@@ -8,8 +8,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
-from .experts import ExpertLoRA
+from ..backbones import architecture_for
+from .experts import ExpertLoRA, layer_expert_adapter
+from .plan import AdapterPlan
 
 
 def expert_rank_importance(adapter: ExpertLoRA) -> torch.Tensor:
@@ -63,3 +66,12 @@ def grow_ranks(
         ranks[index] += step
         remaining -= step
     return ranks
+
+
+def apply_expert_ranks(model: nn.Module, plan: AdapterPlan) -> None:
+    """Give every expert adapter the active ranks the plan records (the plan is where they change)."""
+    for moe in architecture_for(model).moe_layers(model):
+        adapter = layer_expert_adapter(moe)
+        ranks = {entry.layer: entry.expert_ranks for entry in plan.layers}.get(moe.index)
+        if isinstance(adapter, ExpertLoRA) and adapter.lora_active_rank is not None and ranks is not None:
+            adapter.lora_active_rank.copy_(torch.tensor(ranks, dtype=torch.long))

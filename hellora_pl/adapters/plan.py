@@ -1,6 +1,9 @@
 """The adapter placement as data: which layers, experts and modules get adapters, at what rank.
 
 A plan is saved as plan.json beside adapter.safetensors; resume, export, merge and reports read it.
+It is the one record of a run's hot experts, of LoRI's mask state and of DR-LoRA's active ranks:
+companion callbacks change it through its methods, and `adapters.sites` turns it (with a model)
+into the list of adapter sites that everything else reads.
 """
 
 from __future__ import annotations
@@ -11,6 +14,85 @@ from pathlib import Path
 
 PLAN_FORMAT_VERSION = 2
 METHODS = ("lora", "hellora", "attention_only", "hellori", "dr_lora", "esft")
+LORI_GRANULARITIES = ("model", "layer", "matrix")
+SALIENCY_COMBINATIONS = ("sum", "product")
+
+
+@dataclass
+class LoRISpec:
+    """HELLoRI's LoRI settings: every A frozen, every B masked to its top `density` by magnitude.
+
+    `masked` says whether the mask is in force yet (a dense phase comes first unless the mask is
+    read from `mask_from`, a dense run's hellora/ folder); `switched_at_step` records when a dense
+    phase ended.
+    """
+
+    density: float = 0.1
+    granularity: str = "model"
+    masked: bool = False
+    mask_from: str | None = None
+    switched_at_step: int | None = None
+
+    def __post_init__(self):
+        if not 0 < self.density <= 1:
+            raise ValueError(f"LoRI density must be in (0, 1], got {self.density}.")
+        if self.granularity not in LORI_GRANULARITIES:
+            raise ValueError(
+                f"Unknown LoRI mask granularity {self.granularity!r}; choose one of {', '.join(LORI_GRANULARITIES)}."
+            )
+
+    @property
+    def kept_share(self) -> float:
+        """The share of each B that acts and trains now: `density` once masked, all of it before."""
+        return self.density if self.masked else 1.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if data["switched_at_step"] is None:
+            del data["switched_at_step"]  # written only once a dense phase has ended
+        return data
+
+
+@dataclass
+class DynamicRankSpec:
+    """DR-LoRA's settings: expert adapters allocated at `rank_max`, starting at `rank_init`, and
+    grown by saliency (the schedule fields) within `budget` rank units (the plan's rank per
+    adapted expert; filled in by `build_plan`)."""
+
+    rank_init: int
+    rank_max: int
+    interval: int = 50
+    grow_fraction: float = 0.25
+    rank_step: int = 2
+    frequency_weight: float = 0.5
+    combination: str = "sum"
+    budget: int | None = None
+
+    @classmethod
+    def for_rank(
+        cls, rank: int, rank_init: int | None = None, rank_max: int | None = None, **schedule
+    ) -> DynamicRankSpec:
+        """The settings for a plan of nominal `rank`: rank_init defaults to rank // 2 (at least 1),
+        rank_max to 2 x rank; 1 <= rank_init <= rank <= rank_max must hold."""
+        rank_init = max(1, rank // 2) if rank_init is None else rank_init
+        rank_max = 2 * rank if rank_max is None else rank_max
+        if not 1 <= rank_init <= rank <= rank_max:
+            raise ValueError(
+                f"DR-LoRA needs 1 <= rank_init <= rank <= rank_max, got rank_init={rank_init}, rank={rank}, "
+                f"rank_max={rank_max}; the budget is `rank` per adapted expert."
+            )
+        return cls(rank_init=rank_init, rank_max=rank_max, **schedule)
+
+    def __post_init__(self):
+        if self.interval < 1 or self.rank_step < 1:
+            raise ValueError(f"interval and rank_step must be >= 1, got {self.interval} and {self.rank_step}.")
+        if not 0 < self.grow_fraction <= 1 or not 0 <= self.frequency_weight <= 1:
+            raise ValueError("grow_fraction must be in (0, 1] and frequency_weight in [0, 1].")
+        if self.combination not in SALIENCY_COMBINATIONS:
+            raise ValueError(f"Unknown combination {self.combination!r}; choose 'sum' or 'product'.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -34,8 +116,7 @@ class AdapterPlan:
     `rank` and `alpha` apply to attention, shared-expert and expert LoRA (scale alpha / rank);
     `expert_rank` is the rank allocated for expert LoRA (DR-LoRA's r_max; `rank` otherwise).
     `expert_adapter` is "lora" or "full" (ESFT's full-rank deltas). `lori` (HELLoRI) freezes
-    every A and masks every B; it records the mask's density, granularity and whether the mask
-    is in force yet. `dynamic_rank` records DR-LoRA's settings and rank budget.
+    every A and masks every B; `dynamic_rank` holds DR-LoRA's settings and rank budget.
     """
 
     method: str  # one of METHODS
@@ -53,8 +134,8 @@ class AdapterPlan:
     shared_expert_modules: list[str] = field(default_factory=list)
     expert_adapter: str = "lora"
     expert_rank: int | None = None
-    lori: dict | None = None
-    dynamic_rank: dict | None = None
+    lori: LoRISpec | None = None
+    dynamic_rank: DynamicRankSpec | None = None
     layers: list[LayerPlan] = field(default_factory=list)
     profile_tokens: int = 0
     trainable_params: int = 0
@@ -66,6 +147,10 @@ class AdapterPlan:
             raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
         if self.expert_adapter not in ("lora", "full"):
             raise ValueError(f"Unknown expert_adapter {self.expert_adapter!r}; choose 'lora' or 'full'.")
+        if isinstance(self.lori, dict):
+            self.lori = LoRISpec(**self.lori)
+        if isinstance(self.dynamic_rank, dict):
+            self.dynamic_rank = DynamicRankSpec(**self.dynamic_rank)
 
     def hot_experts(self) -> dict[int, list[int]]:
         return {layer.layer: layer.hot_experts for layer in self.layers}
@@ -78,8 +163,33 @@ class AdapterPlan:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    # -- what companion callbacks change -----------------------------------------------------
+    def mark_lori_masked(self, switched_at_step: int | None = None) -> None:
+        """LoRI's mask is in force from now on (`switched_at_step`: where a dense phase ended)."""
+        if self.lori is None:
+            raise ValueError(f"A {self.method} plan has no LoRI adapters to mask; use method 'hellori'.")
+        self.lori.masked = True
+        if switched_at_step is not None:
+            self.lori.switched_at_step = switched_at_step
+
+    def set_expert_ranks(self, layer: int, ranks: list[int]) -> None:
+        """DR-LoRA: the active rank of each hot expert of MoE layer `layer`."""
+        entry = next((e for e in self.layers if e.layer == layer), None)
+        if entry is None or self.dynamic_rank is None:
+            raise ValueError(f"The plan has no DR-LoRA experts in MoE layer {layer}.")
+        if len(ranks) != len(entry.hot_experts) or not all(1 <= r <= self.dynamic_rank.rank_max for r in ranks):
+            raise ValueError(
+                f"Layer {layer}: ranks {ranks} must give one rank in 1..{self.dynamic_rank.rank_max} per hot expert "
+                f"({len(entry.hot_experts)})."
+            )
+        entry.expert_ranks = [int(r) for r in ranks]
+
+    # -- saving --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["lori"] = None if self.lori is None else self.lori.to_dict()
+        data["dynamic_rank"] = None if self.dynamic_rank is None else self.dynamic_rank.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> AdapterPlan:

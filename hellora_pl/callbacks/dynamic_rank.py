@@ -6,16 +6,17 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..adapters import ExpertLoRA, count_plan_params, layer_expert_adapter
-from ..adapters.dynamic_rank import expert_rank_importance, grow_ranks, saliency
+from ..adapters import DynamicRankSpec, ExpertLoRA, layer_expert_adapter, update_trainable_params
+from ..adapters.dynamic_rank import apply_expert_ranks, expert_rank_importance, grow_ranks, saliency
 from ..backbones import architecture_for
 from ..routing import RoutingRecorder
 from ..routing.heatmap import heatmap_image
 from .injection import injection_callback
 from .logging import log_image, log_scalars, log_text
+from .protocol import PlanCompanion
 
 
-class DynamicRankCallback(Callback):
+class DynamicRankCallback(PlanCompanion, Callback):
     """Grows the active rank of the most salient experts every `interval` optimizer steps.
 
     With method "dr_lora", HotExpertInjectionCallback allocates every expert adapter at
@@ -34,7 +35,7 @@ class DynamicRankCallback(Callback):
     the plan (plan.json, checkpoints) records the current ranks.
     """
 
-    plan_field = "dynamic_rank"  # the AdapterPlan field this callback fills (HotExpertInjectionCallback reads it)
+    spec_type = DynamicRankSpec  # HotExpertInjectionCallback finds this callback by it
 
     def __init__(
         self,
@@ -48,12 +49,16 @@ class DynamicRankCallback(Callback):
         combination: str = "sum",
         model_attribute: str = "model",
     ):
-        if interval < 1 or rank_step < 1:
-            raise ValueError(f"interval and rank_step must be >= 1, got {interval} and {rank_step}.")
-        if not 0 < grow_fraction <= 1 or not 0 <= ema_decay < 1 or not 0 <= frequency_weight <= 1:
-            raise ValueError("grow_fraction must be in (0, 1], ema_decay in [0, 1), frequency_weight in [0, 1].")
-        if combination not in ("sum", "product"):
-            raise ValueError(f"Unknown combination {combination!r}; choose 'sum' or 'product'.")
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
+        self._schedule = {
+            "interval": interval,
+            "grow_fraction": grow_fraction,
+            "rank_step": rank_step,
+            "frequency_weight": frequency_weight,
+            "combination": combination,
+        }
+        DynamicRankSpec(1, 1, **self._schedule)  # checks the schedule now, before any model work
         self.rank_init = rank_init
         self.rank_max = rank_max
         self.interval = interval
@@ -68,23 +73,8 @@ class DynamicRankCallback(Callback):
         self._recorder: RoutingRecorder | None = None  # armed on every training batch
         self._stepped_at: int | None = None  # global step at the last update (accumulation: one per step)
 
-    def plan_entry(self, rank: int) -> dict:
-        rank_init = self.rank_init if self.rank_init is not None else max(1, rank // 2)
-        rank_max = self.rank_max if self.rank_max is not None else 2 * rank
-        if not 1 <= rank_init <= rank <= rank_max:
-            raise ValueError(
-                f"DR-LoRA needs 1 <= rank_init <= rank <= rank_max, got rank_init={rank_init}, rank={rank}, "
-                f"rank_max={rank_max}; the budget is `rank` per adapted expert."
-            )
-        return {
-            "rank_init": rank_init,
-            "rank_max": rank_max,
-            "interval": self.interval,
-            "grow_fraction": self.grow_fraction,
-            "rank_step": self.rank_step,
-            "frequency_weight": self.frequency_weight,
-            "combination": self.combination,
-        }
+    def plan_spec(self, rank: int) -> DynamicRankSpec:
+        return DynamicRankSpec.for_rank(rank, self.rank_init, self.rank_max, **self._schedule)
 
     def _adapters(self, trainer: Trainer) -> dict[int, ExpertLoRA]:
         model = injection_callback(trainer).model
@@ -133,7 +123,9 @@ class DynamicRankCallback(Callback):
             counts = profile.counts[row].double()
             share = counts[adapters[layer].hot_experts.cpu()] / counts.sum().clamp_min(1) * profile.num_experts
             previous = self.frequency.get(layer)
-            self.frequency[layer] = share if previous is None else self.ema_decay * previous + (1 - self.ema_decay) * share
+            self.frequency[layer] = (
+                share if previous is None else self.ema_decay * previous + (1 - self.ema_decay) * share
+            )
         if trainer.global_step > 0 and trainer.global_step % self.interval == 0:
             self.grow(trainer)
 
@@ -145,30 +137,25 @@ class DynamicRankCallback(Callback):
         layers = [layer for layer in adapters if layer in self.frequency and layer in self.importance]
         if not layers:
             return
-        ranks = torch.cat([adapters[layer].lora_active_rank.cpu() for layer in layers])
+        planned = {entry.layer: entry.expert_ranks for entry in plan.layers}
+        ranks = torch.cat([torch.tensor(planned[layer], dtype=torch.long) for layer in layers])
         scores = saliency(
             torch.cat([self.frequency[layer].float() for layer in layers]),
             torch.cat([self.importance[layer].float() for layer in layers]),
             self.frequency_weight,
             self.combination,
         )
-        grown = grow_ranks(
-            ranks, scores, plan.dynamic_rank["rank_max"], plan.dynamic_rank["budget"], self.grow_fraction, self.rank_step
-        )
+        spec = plan.dynamic_rank
+        grown = grow_ranks(ranks, scores, spec.rank_max, spec.budget, self.grow_fraction, self.rank_step)
         if torch.equal(grown, ranks):
             return
-        start = 0
-        by_layer = {entry.layer: entry for entry in plan.layers}
-        for layer in layers:
-            adapter = adapters[layer]
-            new = grown[start : start + adapter.num_hot]
-            start += adapter.num_hot
-            adapter.lora_active_rank.copy_(new.to(adapter.lora_active_rank.device))
-            by_layer[layer].expert_ranks = new.tolist()
-        plan.trainable_params = count_plan_params(injection.model, plan)
+        for layer, new in zip(layers, torch.split(grown, [len(planned[layer]) for layer in layers])):
+            plan.set_expert_ranks(layer, new.tolist())
+        apply_expert_ranks(injection.model, plan)
+        update_trainable_params(injection.model, plan)
         rank_zero_info(
             f"[hellora] DR-LoRA step {trainer.global_step}: total active rank {int(grown.sum())} of "
-            f"{plan.dynamic_rank['budget']} ({plan.trainable_params:,} trainable parameters)"
+            f"{spec.budget} ({plan.trainable_params:,} trainable parameters)"
         )
         self._log_ranks(trainer)
 
@@ -181,10 +168,10 @@ class DynamicRankCallback(Callback):
         step = trainer.global_step
         log_scalars(
             trainer,
-            {"dr_lora/total_active_rank": float(rank_map.sum()), "dr_lora/budget": plan.dynamic_rank["budget"]},
+            {"dr_lora/total_active_rank": float(rank_map.sum()), "dr_lora/budget": plan.dynamic_rank.budget},
             step,
         )
-        log_image(trainer, "dr_lora/rank_map", heatmap_image(rank_map, vmax=plan.dynamic_rank["rank_max"]), step)
+        log_image(trainer, "dr_lora/rank_map", heatmap_image(rank_map, vmax=plan.dynamic_rank.rank_max), step)
         text = "\n".join(f"    layer {e.layer}: {dict(zip(e.hot_experts, e.expert_ranks or []))}" for e in plan.layers)
         log_text(trainer, "dr_lora/ranks", text, step)
 
@@ -201,5 +188,7 @@ class DynamicRankCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.frequency = {int(k): torch.tensor(v, dtype=torch.float64) for k, v in state_dict.get("frequency", {}).items()}
+        self.frequency = {
+            int(k): torch.tensor(v, dtype=torch.float64) for k, v in state_dict.get("frequency", {}).items()
+        }
         self.importance = {int(k): torch.tensor(v) for k, v in state_dict.get("importance", {}).items()}

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning.pytorch import Callback, LightningModule, Trainer
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..adapters import (
     AdapterPlan,
+    DynamicRankSpec,
+    LoRISpec,
     adapter_state_dict,
-    build_plan,
     inject_adapters,
     is_injected,
     load_adapter,
@@ -20,13 +21,13 @@ from ..adapters import (
     save_adapter,
 )
 from ..adapters.io import ADAPTER_FILE, PLAN_FILE
-from ..adapters.methods import MethodName, method_defaults
+from ..adapters.methods import MethodName, PlanSettings, method_defaults, resolve_method
 from ..backbones import architecture_for
 from ..kernels.dispatch import IMPLEMENTATIONS, ExpertKernel
 from ..routing import HotExpertPolicy
 from ..sharding import full_tensors, is_sharded, save_adapter_tensors, shard_like
 from .logging import log_scalars, log_text
-from .protocol import backbone_of
+from .protocol import PlanCompanion, backbone_of
 from .routing_profiler import RoutingProfilerCallback
 
 
@@ -118,8 +119,8 @@ class HotExpertInjectionCallback(Callback):
                 self._check_output_dir(trainer)
             self.plan = load_adapter(model, self.adapter_path, self.expert_kernel)
         elif stage == "fit":
-            companions = self._check_before_profile(trainer, model)
-            self.plan = self._make_plan(trainer, pl_module, model, companions)
+            settings = self._check_before_profile(trainer, model)
+            self.plan = self._make_plan(trainer, pl_module, model, settings)
             inject_adapters(model, self.plan, self.expert_kernel)
         else:
             rank_zero_warn(
@@ -137,55 +138,45 @@ class HotExpertInjectionCallback(Callback):
             arch = architecture_for(model)
             self.hot_experts.check(arch.num_experts(model.config), arch.top_k(model.config))
 
-    def _check_before_profile(self, trainer: Trainer, model) -> dict:
+    def _check_before_profile(self, trainer: Trainer, model) -> PlanSettings:
         """Every check the settings and the model allow, before any routing is profiled or anything written.
 
-        Returns the companion callbacks' plan entries (LoRI, DR-LoRA), checked too.
+        Returns the plan settings, the companion callbacks' specs (LoRI, DR-LoRA) included.
         """
-        method = method_defaults(self.method)
         self.check_model(model)
         if not trainer.fast_dev_run:
             self._check_output_dir(trainer)
-        return {
-            "lori": self._companion_entry(trainer, "lori", "LoRIMaskCallback", method.lori),
-            "dynamic_rank": self._companion_entry(trainer, "dynamic_rank", "DynamicRankCallback", method.dynamic_rank),
-        }
-
-    def _make_plan(self, trainer, pl_module, model, companions: dict) -> AdapterPlan:
         method = method_defaults(self.method)
-        experts = method.experts if self.experts is None else self.experts
-        profiler = _find(trainer, RoutingProfilerCallback)
-        profile = None
-        if (experts and self.hot_experts.needs_profile) or profiler is not None:
-            if profiler is None:
-                rank_zero_info("[hellora] no RoutingProfilerCallback in the trainer: profiling with its defaults")
-                profiler = RoutingProfilerCallback(model_attribute=self.model_attribute)
-            profile = profiler.ensure_profile(trainer, pl_module)
-        router = method.router if self.router is None else self.router
-        shared = method.shared_experts if self.shared_experts is None else self.shared_experts
-        attention = self.attention_modules if self.attention_modules is not None else (None if method.attention else [])
-        return build_plan(
-            model,
-            self.hot_experts,
-            profile,
+        return resolve_method(
+            self.method,
             rank=self.rank,
             alpha=self.alpha,
             dropout=self.dropout,
             dtype=self.adapter_dtype,
-            attention_modules=attention,
-            router_rank=(self.router_rank or self.rank) if router else None,
-            expert_modules=None if experts else [],
-            shared_expert_modules=None if shared else [],
-            method=self.method,
-            expert_adapter=method.expert_adapter,
-            lori=companions["lori"],
-            dynamic_rank=companions["dynamic_rank"],
+            hot_experts=self.hot_experts,
+            attention_modules=self.attention_modules,
+            router=self.router,
+            router_rank=self.router_rank,
+            shared_experts=self.shared_experts,
+            experts=self.experts,
+            lori=self._companion_spec(trainer, LoRISpec, "LoRIMaskCallback", method.lori),
+            dynamic_rank=self._companion_spec(trainer, DynamicRankSpec, "DynamicRankCallback", method.dynamic_rank),
         )
 
-    def _companion_entry(self, trainer: Trainer, plan_field: str, name: str, needed: bool) -> dict | None:
-        """The plan entry of a method's companion callback: the callback whose `plan_field` names
-        the AdapterPlan field it fills (LoRIMaskCallback: lori, DynamicRankCallback: dynamic_rank)."""
-        found = [cb for cb in trainer.callbacks if getattr(cb, "plan_field", None) == plan_field]
+    def _make_plan(self, trainer, pl_module, model, settings: PlanSettings) -> AdapterPlan:
+        profiler = _find(trainer, RoutingProfilerCallback)
+        profile = None
+        if (settings.experts and settings.policy.needs_profile) or profiler is not None:
+            if profiler is None:
+                rank_zero_info("[hellora] no RoutingProfilerCallback in the trainer: profiling with its defaults")
+                profiler = RoutingProfilerCallback(model_attribute=self.model_attribute)
+            profile = profiler.ensure_profile(trainer, pl_module)
+        return settings.build(model, profile)
+
+    def _companion_spec(self, trainer: Trainer, spec_type: type, name: str, needed: bool):
+        """The spec a method's companion callback gives the plan (LoRIMaskCallback: LoRISpec,
+        DynamicRankCallback: DynamicRankSpec), or None; a missing or unused companion is an error."""
+        found = [cb for cb in trainer.callbacks if isinstance(cb, PlanCompanion) and cb.spec_type is spec_type]
         if needed and not found:
             raise ValueError(
                 f"Method {self.method!r} needs a {name} in the trainer's callbacks; add "
@@ -193,7 +184,7 @@ class HotExpertInjectionCallback(Callback):
             )
         if found and not needed:
             raise ValueError(f"{name} is in the trainer's callbacks, but method {self.method!r} does not use it.")
-        return found[0].plan_entry(self.rank) if found else None
+        return found[0].plan_spec(self.rank) if found else None
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
@@ -247,7 +238,7 @@ class HotExpertInjectionCallback(Callback):
         plan = self.plan
         lines = [f"[hellora] method={plan.method} policy={plan.policy} rank={plan.rank} alpha={plan.alpha}"]
         if plan.lori is not None:
-            lines.append(f"[hellora] LoRI: A frozen, B mask {plan.lori}")
+            lines.append(f"[hellora] LoRI: A frozen, B mask {plan.lori.to_dict()}")
         for layer in plan.layers:
             hot = layer.hot_experts if len(layer.hot_experts) < plan.num_experts else "all"
             ranks = f" ranks {layer.expert_ranks}" if layer.expert_ranks is not None else ""
@@ -258,7 +249,11 @@ class HotExpertInjectionCallback(Callback):
             lines.append(
                 f"[hellora]   {plan.trainable_params:,} act on the output now; {allocated:,} are allocated as "
                 "trainable tensors (Lightning's summary counts these), the rest masked: "
-                + ("DR-LoRA's inactive rank slices, which grow into use" if plan.dynamic_rank else "outside the mask")
+                + (
+                    "DR-LoRA's inactive rank slices, which grow into use"
+                    if plan.dynamic_rank is not None
+                    else "outside the mask"
+                )
             )
         rank_zero_info("\n".join(lines))
 
@@ -275,7 +270,9 @@ class HotExpertInjectionCallback(Callback):
             step=trainer.global_step,
         )
         summary = "\n".join(f"    layer {layer.layer}: {layer.hot_experts}" for layer in plan.layers)
-        log_text(trainer, "hellora/plan", f"method {plan.method}, policy {plan.policy}\n\n{summary}", trainer.global_step)
+        log_text(
+            trainer, "hellora/plan", f"method {plan.method}, policy {plan.policy}\n\n{summary}", trainer.global_step
+        )
 
     # -- saving --------------------------------------------------------------------------
     def state_dict(self) -> dict:

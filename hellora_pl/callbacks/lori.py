@@ -8,14 +8,15 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file
 
-from ..adapters import ADAPTER_FILE, PLAN_FILE, AdapterPlan, adapter_state_dict, count_plan_params
+from ..adapters import ADAPTER_FILE, PLAN_FILE, AdapterPlan, LoRISpec, adapter_state_dict, update_trainable_params
 from ..adapters.io import named_like
-from ..adapters.lori import GRANULARITIES, apply_lori_masks, compute_lori_masks, lori_B_tensors
+from ..adapters.lori import apply_lori_masks, compute_lori_masks, lori_B_tensors
 from .injection import injection_callback
 from .logging import log_scalars
+from .protocol import PlanCompanion
 
 
-class LoRIMaskCallback(Callback):
+class LoRIMaskCallback(PlanCompanion, Callback):
     """Masks every B to its top `density` share by magnitude and retrains it from zero (LoRI).
 
     With method "hellori", HotExpertInjectionCallback freezes every A at its random init and
@@ -33,7 +34,7 @@ class LoRIMaskCallback(Callback):
     layer, or per matrix.
     """
 
-    plan_field = "lori"  # the AdapterPlan field this callback fills (HotExpertInjectionCallback reads it)
+    spec_type = LoRISpec  # HotExpertInjectionCallback finds this callback by it
 
     def __init__(
         self,
@@ -43,12 +44,11 @@ class LoRIMaskCallback(Callback):
         dense_steps: float = 0.5,
         sparse_lr_scale: float = 1.0,
     ):
-        if not 0 < density <= 1:
-            raise ValueError(f"LoRIMaskCallback density must be in (0, 1], got {density}.")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"Unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}.")
+        LoRISpec(density, granularity)  # checks both
         if dense_steps <= 0:
-            raise ValueError(f"dense_steps must be positive (steps, or a fraction of steps below 1), got {dense_steps}.")
+            raise ValueError(
+                f"dense_steps must be positive (steps, or a fraction of steps below 1), got {dense_steps}."
+            )
         if mask_from is not None and not (Path(mask_from) / ADAPTER_FILE).is_file():
             raise FileNotFoundError(
                 f"LoRIMaskCallback mask_from={mask_from!r} holds no {ADAPTER_FILE}; give the hellora/ folder of a "
@@ -60,22 +60,23 @@ class LoRIMaskCallback(Callback):
         self.dense_steps = dense_steps
         self.sparse_lr_scale = sparse_lr_scale
 
-    def plan_entry(self, rank: int) -> dict:
+    def plan_spec(self, rank: int) -> LoRISpec:
         """What the plan records (the rank does not matter to LoRI's mask)."""
-        return {"density": self.density, "granularity": self.granularity, "masked": False, "mask_from": self.mask_from}
+        return LoRISpec(self.density, self.granularity, masked=False, mask_from=self.mask_from)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         injection = injection_callback(trainer)
-        if injection.plan is None or injection.plan.lori is None or injection.plan.lori["masked"]:
+        if injection.plan is None or injection.plan.lori is None or injection.plan.lori.masked:
             return  # not a LoRI plan, or the mask came with a resumed checkpoint
         if self.mask_from is not None:
             self._mask_from_dense_run(injection)
+            injection.plan.mark_lori_masked()
             self._announce(trainer, injection, "the dense run's adapter")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
         injection = injection_callback(trainer)
         plan = injection.plan
-        if plan is None or plan.lori is None or plan.lori["masked"] or trainer.global_step < self._switch_step(trainer):
+        if plan is None or plan.lori is None or plan.lori.masked or trainer.global_step < self._switch_step(trainer):
             return
         masks = compute_lori_masks(injection.model, self.density, self.granularity)
         b_params = {id(p) for p in lori_B_tensors(injection.model).values()}
@@ -89,7 +90,7 @@ class LoRIMaskCallback(Callback):
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             scheduler.base_lrs = [lr * self.sparse_lr_scale for lr in scheduler.base_lrs]
-        plan.lori["switched_at_step"] = trainer.global_step
+        plan.mark_lori_masked(switched_at_step=trainer.global_step)
         self._announce(trainer, injection, f"B after {trainer.global_step} dense steps")
 
     def _switch_step(self, trainer: Trainer) -> int:
@@ -115,9 +116,7 @@ class LoRIMaskCallback(Callback):
         apply_lori_masks(injection.model, masks)
 
     def _announce(self, trainer: Trainer, injection, source: str) -> None:
-        plan = injection.plan
-        plan.lori["masked"] = True
-        plan.trainable_params = count_plan_params(injection.model, plan)
+        update_trainable_params(injection.model, injection.plan)
         kept = sum(int(t.sum()) for n, t in adapter_state_dict(injection.model).items() if "lora_B_mask" in n)
         rank_zero_info(
             f"[hellora] LoRI mask from {source}: {kept:,} B entries kept ({100 * self.density:g}% by "

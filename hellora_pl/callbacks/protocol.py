@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
@@ -37,3 +39,14 @@ def train_dataloader(trainer: Trainer, pl_module: LightningModule):
         "Routing profiling needs training data: pass a datamodule or train_dataloaders to trainer.fit, "
         "or define train_dataloader() on the LightningModule."
     )
+
+
+class PlanCompanion:
+    """A callback a method needs beside HotExpertInjectionCallback (LoRIMaskCallback for hellori,
+    DynamicRankCallback for dr_lora): it gives the plan its settings, a `spec_type` instance, and
+    later changes the plan through the plan's own methods."""
+
+    spec_type: ClassVar[type]  # LoRISpec or DynamicRankSpec
+
+    def plan_spec(self, rank: int):
+        raise NotImplementedError

@@ -1,15 +1,16 @@
-"""From a routing profile and a selection policy to an AdapterPlan."""
+"""Placement: from a routing profile and a selection policy to an AdapterPlan."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from torch import nn
 
 from ..backbones import architecture_for
 from ..routing import AllExperts, HotExpertPolicy, RoutingProfile
-from .inject import count_lora_baseline_params, count_plan_params
-from .plan import AdapterPlan, LayerPlan
+from .plan import AdapterPlan, DynamicRankSpec, LayerPlan, LoRISpec
+from .sites import count_lora_baseline_params, count_plan_params
 
 
 def build_plan(
@@ -26,16 +27,16 @@ def build_plan(
     dtype: str = "float32",
     method: str | None = None,
     expert_adapter: str = "lora",
-    lori: dict | None = None,
-    dynamic_rank: dict | None = None,
+    lori: LoRISpec | None = None,
+    dynamic_rank: DynamicRankSpec | None = None,
 ) -> AdapterPlan:
     """Choose the adapted experts per MoE layer and describe every adapter to inject.
 
     `attention_modules`, `expert_modules` and `shared_expert_modules` default to the
     architecture's (attention projections the model lacks are skipped); pass [] to switch them
-    off. `router_rank` None leaves the router frozen. `dynamic_rank` (DR-LoRA) needs
-    "rank_init" and "rank_max": expert adapters are allocated at rank_max and start at
-    rank_init, within a budget of `rank` per adapted expert.
+    off. `router_rank` None leaves the router frozen. With `dynamic_rank` (DR-LoRA) expert
+    adapters are allocated at its rank_max and start at its rank_init, within a budget of `rank`
+    per adapted expert. The specs are copied into the plan.
     """
     arch = architecture_for(model)
     moe_layers = arch.moe_layers(model)
@@ -69,17 +70,17 @@ def build_plan(
         method = "attention_only" if not expert_modules else "lora" if isinstance(policy, AllExperts) else "hellora"
     expert_rank = None
     if dynamic_rank is not None:
-        dynamic_rank = dict(dynamic_rank)
-        expert_rank = dynamic_rank["rank_max"]
+        dynamic_rank = dataclasses.replace(dynamic_rank)
+        expert_rank = dynamic_rank.rank_max
         adapted = sum(len(layer.hot_experts) for layer in layers)
-        dynamic_rank["budget"] = adapted * rank
-        if adapted * dynamic_rank["rank_init"] > dynamic_rank["budget"]:
+        dynamic_rank.budget = adapted * rank
+        if adapted * dynamic_rank.rank_init > dynamic_rank.budget:
             raise ValueError(
-                f"DR-LoRA rank_init={dynamic_rank['rank_init']} exceeds the budget of a uniform rank {rank}; "
+                f"DR-LoRA rank_init={dynamic_rank.rank_init} exceeds the budget of a uniform rank {rank}; "
                 f"choose rank_init <= {rank}."
             )
         for layer in layers:
-            layer.expert_ranks = [dynamic_rank["rank_init"]] * len(layer.hot_experts)
+            layer.expert_ranks = [dynamic_rank.rank_init] * len(layer.hot_experts)
     plan = AdapterPlan(
         method=method,
         architecture=arch.name,
@@ -91,12 +92,14 @@ def build_plan(
         dropout=dropout,
         dtype=dtype,
         router_rank=router_rank,
-        attention_modules=list(arch.attention_projections_of(model) if attention_modules is None else attention_modules),
+        attention_modules=list(
+            arch.attention_projections_of(model) if attention_modules is None else attention_modules
+        ),
         expert_modules=expert_modules,
         shared_expert_modules=list(shared_expert_modules),
         expert_adapter=expert_adapter,
         expert_rank=expert_rank,
-        lori=None if lori is None else dict(lori),
+        lori=None if lori is None else dataclasses.replace(lori),
         dynamic_rank=dynamic_rank,
         layers=layers,
         profile_tokens=0 if profile is None else profile.tokens,
