@@ -13,7 +13,7 @@ a benchmark of wrong code is worthless.
 Variants: the frozen base (transformers' grouped_mm, gradient w.r.t. the input only: the floor),
 PEFT LoRA on all experts (`target_parameters`), ours with every expert hot (LoRA), ours with the
 hot experts only (HELLoRA, torch path), and HELLoRA through the Triton kernel where CUDA and
-`hellora_pl.kernels.triton_expert` exist. The hot experts are the most often selected experts of
+`hellora_pl.kernels.triton_host` exist. The hot experts are the most often selected experts of
 the benchmark's own routing, as HELLoRA chooses them from a routing profile; `--hot-share` biases
 the router so that they take a given share of the (token, k) selections instead.
 """
@@ -299,11 +299,11 @@ class Variant:
 
 
 def triton_forward(device: torch.device) -> tuple[Callable | None, str]:
-    """The Triton HELLoRA path, imported lazily: it needs CUDA and the (new) triton_expert module."""
+    """The Triton HELLoRA path, imported lazily: it needs CUDA and the (new) triton_host module."""
     if device.type != "cuda":
         return None, "n/a (no CUDA)"
     try:
-        from hellora_pl.kernels.triton_expert import triton_adapted_experts_forward
+        from hellora_pl.kernels.triton_host import triton_adapted_experts_forward
     except ImportError as error:
         return None, f"n/a (no triton_adapted_experts_forward: {error})"
     return triton_adapted_experts_forward, ""

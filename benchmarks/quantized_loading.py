@@ -78,7 +78,8 @@ def child(mode: str, path: str, quantization: str) -> dict:
     """Runs in its own process: load the checkpoint one way, report memory above the baseline."""
     from transformers import AutoModelForCausalLM
 
-    from hellora_pl.backbones import BackboneConfig, load_backbone
+    from hellora_pl.backbones import BackboneConfig
+    from hellora_pl.loading import load_backbone
     from hellora_pl.quant import quantize_model, quantized_bytes
 
     torch.set_num_threads(1)

@@ -46,8 +46,9 @@ from _common import (
 )
 
 from hellora_pl.adapters import adapter_state_dict, build_plan, export_peft, inject_adapters
-from hellora_pl.backbones import BackboneConfig, load_backbone
+from hellora_pl.backbones import BackboneConfig
 from hellora_pl.backbones.shapes import SHAPES as MODEL_SHAPES
+from hellora_pl.loading import load_backbone
 from hellora_pl.routing import AllExperts, RoutingRecorder, TopKPerLayer
 
 METHODS = ("lora", "hellora", "peft")

@@ -1,6 +1,6 @@
 """hellora_pl: fine-tune MoE language models with adapters where the router sends tokens."""
 
-from .backbones import BackboneConfig, load_backbone
+from .backbones import BackboneConfig
 from .callbacks import (
     DynamicRankCallback,
     HotExpertInjectionCallback,
@@ -9,6 +9,7 @@ from .callbacks import (
     RoutingProfilerCallback,
     RunSummary,
 )
+from .loading import load_backbone
 from .module import HelloraModule
 
 __version__ = "0.1.0"

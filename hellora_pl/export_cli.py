@@ -18,8 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .adapters import ADAPTER_FILE, PLAN_FILE
-from .backbones import BackboneConfig
-from .backbones.loading import DTYPES
+from .backbones import DTYPES, BackboneConfig
 from .export_sources import (
     SHARDED_METADATA,
     AdaptedModel,
@@ -199,7 +198,7 @@ def export(request: Request, source: ExportSource, adapted: AdaptedModel) -> lis
             export_peft(adapted.model, source.plan, staging, base_model_name_or_path=base_name, overwrite=True)
         else:
             implementation = source.backbone.experts_implementation
-            merge_adapters(adapted.model, experts_implementation=implementation)
+            merge_adapters(adapted.model, experts_implementation=implementation, plan=source.plan)
             if request.dtype is not None:
                 adapted.model.to(DTYPES[request.dtype])
             export_merged(adapted.model, staging, overwrite=True, experts_implementation=implementation)

@@ -20,11 +20,15 @@ import torch
 from safetensors.torch import load_file
 
 from .adapters import ADAPTER_FILE, PLAN_FILE, AdapterPlan, adapter_state_dict, inject_adapters, load_adapter_weights
-from .adapters.io import portable_name
-from .backbones import BackboneConfig, load_backbone
+from .adapters.io import (  # SHARDED_METADATA: export_cli names it in its messages
+    SHARDED_METADATA,
+    checkpoint_plan_states,
+    load_checkpoint_metadata,
+    portable_name,
+)
+from .backbones import BackboneConfig
+from .loading import load_backbone
 
-# Lightning's file beside a sharded checkpoint's shards: everything but the model and optimizer states.
-SHARDED_METADATA = "meta.pt"
 _MODULE_PREFIX = "model."  # HelloraModule keeps the backbone in `self.model`
 
 
@@ -91,7 +95,7 @@ def read_checkpoint(path: Path) -> ExportSource:
     """A Lightning checkpoint of a HelloraModule fit: one file, or a sharded folder (ModelParallelStrategy)."""
     sharded = is_sharded_checkpoint(path)
     try:
-        checkpoint = torch.load(path / SHARDED_METADATA if sharded else path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint_metadata(path)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(f"Cannot read {str(path)!r} as a Lightning checkpoint: {reason}") from None
@@ -106,7 +110,7 @@ def read_checkpoint(path: Path) -> ExportSource:
             "HelloraModule fit; export the run's adapter folder instead: --adapter_path <run>/hellora --config "
             "<training yaml>."
         )
-    states = [s for s in checkpoint.get("callbacks", {}).values() if isinstance(s, dict) and s.get("plan")]
+    states = list(checkpoint_plan_states(checkpoint).values())
     if len(states) != 1:
         found = "no hellora plan" if not states else f"{len(states)} hellora plans"
         raise ExportError(

@@ -8,14 +8,16 @@ profile or uniform routing). d = bytes of the base dtype, a = bytes of the adapt
 How each term is counted
 ------------------------
 weights      every base parameter at d bytes; with --quantization nf4 every 2D+ weight but the
-             input embedding and lm_head is stored as bitsandbytes' `quantize_4bit` stores it
-             (bitsandbytes/functional.py: blocksize 64, one absmax per block, a 16-entry fp32
-             code per tensor): ceil(n/2) + 4 ceil(n/64) + 64 bytes (0.5625 B/param); nf4-dq
-             (compress_statistics) quantizes the absmax to 8 bits in blocks of 256 with an fp32
-             absmax per block, a 256-entry fp32 code and an fp32 offset: ceil(n/2) + ceil(n/64)
-             + 4 ceil(ceil(n/64)/256) + 1024 + 4 + 64 bytes (0.5159 B/param). The rest stays at d.
+             input embedding and lm_head is stored as `hellora_pl.quant`'s NF4Weight holds it
+             (`quant.nf4.nf4_bytes`: blocksize 64, one fp32 absmax per block): ceil(n/2) +
+             4 ceil(n/64) bytes (0.5625 B/param); nf4-dq (compress_statistics) quantizes the absmax
+             to 8 bits in blocks of 256 with an fp32 scale per block and an fp32 offset: ceil(n/2)
+             + ceil(n/64) + 4 ceil(ceil(n/64)/256) + 4 bytes (0.5159 B/param). The NF4 code book
+             and the 8-bit map are shared by every weight (about 1 KiB, not counted). The rest
+             stays at d.
 adapters     every adapter tensor held (LoRI's frozen A and dense B, DR-LoRA at r_max) at a
              bytes, LoRI's bool masks (1 B per B element) and the int64 hot-expert and slot maps.
+             Adapter terms here (elements, LoRA activations) are sums over `adapter_sites`.
 gradients    one per trainable tensor element (the base is frozen), at a bytes; LoRI's dense B
              gets a dense gradient. Counted in full (grads are freed before each forward and
              are all alive by the end of the backward).
@@ -58,25 +60,20 @@ validated), and attention with a T x T mask (padding or packing on the math kern
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from .adapters import count_plan_params
-from .adapters.plan import AdapterPlan, LoRISpec
+from .adapters.plan import AdapterPlan
+from .adapters.sites import AdapterSite, adapter_sites, allocated_elements, gradient_elements
 from .backbones import architecture_for
+from .quant.nf4 import nf4_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 QUANTIZATIONS = ("none", "nf4", "nf4-dq")
-NF4_BLOCK = 64  # bitsandbytes quantize_4bit default blocksize
-NF4_CODE_BYTES = 16 * 4  # the 16-entry fp32 NF4 code each QuantState holds
-DQ_BLOCK = 256  # double quantization: quantize_blockwise(absmax - offset, blocksize=256)
-DQ_CODE_BYTES = 256 * 4  # its 8-bit dynamic code, 256 fp32 entries
-DQ_OFFSET_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -111,15 +108,6 @@ class MemorySettings:
 
 
 # -- stored weights -------------------------------------------------------------------------
-
-
-def nf4_bytes(numel: int, double_quant: bool = False) -> int:
-    """Bytes bitsandbytes' quantize_4bit keeps for one tensor of `numel` weights (NF4, blocksize 64)."""
-    blocks = math.ceil(numel / NF4_BLOCK)
-    packed = math.ceil(numel / 2)
-    if not double_quant:
-        return packed + 4 * blocks + NF4_CODE_BYTES
-    return packed + blocks + 4 * math.ceil(blocks / DQ_BLOCK) + DQ_CODE_BYTES + DQ_OFFSET_BYTES + NF4_CODE_BYTES
 
 
 def _kept_16bit(model: nn.Module) -> set[int]:
@@ -161,31 +149,26 @@ def largest_quantized_tensor(model: nn.Module, settings: MemorySettings, kept: s
 # -- adapters -------------------------------------------------------------------------------
 
 
-def _at_allocated_rank(plan: AdapterPlan, lori: LoRISpec | None) -> AdapterPlan:
-    """A copy of `plan` with every expert at its allocated rank and the given LoRI setting."""
-    held = copy.deepcopy(plan)
-    held.lori = lori
-    for layer in held.layers:
-        layer.expert_ranks = [plan.allocated_expert_rank] * len(layer.hot_experts)
-    return held
-
-
-def adapter_elements(model: nn.Module, plan: AdapterPlan) -> tuple[int, int]:
+def adapter_elements(sites: list[AdapterSite]) -> tuple[int, int]:
     """(elements held, elements that train): LoRI trains its dense B only; DR-LoRA holds r_max."""
-    held = count_plan_params(model, _at_allocated_rank(plan, None))
-    if plan.lori is None:
-        return held, held
-    b_only = count_plan_params(model, _at_allocated_rank(plan, LoRISpec(1.0, masked=True)))
-    return held, b_only
+    return allocated_elements(sites), gradient_elements(sites)
 
 
-def adapter_buffer_bytes(plan: AdapterPlan) -> int:
+def _routed_by_layer(sites: list[AdapterSite]) -> dict[int, list[AdapterSite]]:
+    """The routed-expert sites of each MoE layer that has adapted experts, in plan order."""
+    routed: dict[int, list[AdapterSite]] = {}
+    for site in sites:
+        if site.kind == "routed_expert":
+            routed.setdefault(site.layer, []).append(site)
+    return routed
+
+
+def adapter_buffer_bytes(plan: AdapterPlan, sites: list[AdapterSite]) -> int:
     """The int64 hot-expert and expert -> slot maps (and DR-LoRA's active ranks) per adapted layer."""
     total = 0
-    for layer in plan.layers:
-        if plan.expert_modules and layer.hot_experts:
-            hot = len(layer.hot_experts)
-            total += 8 * (hot + plan.num_experts) + (8 * hot if plan.dynamic_rank is not None else 0)
+    for group in _routed_by_layer(sites).values():
+        hot = len(group[0].experts)
+        total += 8 * (hot + plan.num_experts) + (8 * hot if plan.dynamic_rank is not None else 0)
     return total
 
 
@@ -235,33 +218,31 @@ def _rms_norm(tokens: int, width: int, rows_per_token: int = 1) -> int:
     return 4 * tokens * width + 4 * tokens * rows_per_token
 
 
-def attention_activations(model: nn.Module, plan: AdapterPlan, w: Widths, n: int, s: MemorySettings) -> int:
+def attention_activations(layer_sites: list[AdapterSite], w: Widths, n: int, s: MemorySettings) -> int:
     """Bytes one decoder layer's attention block saves (input norm excluded)."""
     d = DTYPE_BYTES[s.dtype]
     total = d * n * (w.q + w.k + w.v + w.out) + 4 * n * w.heads  # SDPA: q, k, v, out, logsumexp
     if w.q_norm_rows:
         total += _rms_norm(n, w.q, w.q_norm_rows) + _rms_norm(n, w.k, w.k_norm_rows)
-    return total + lora_input_activations(model, plan, n, s)
+    return total + lora_input_activations([x for x in layer_sites if x.kind == "attention"], n, s)
 
 
-def lora_input_activations(model: nn.Module, plan: AdapterPlan, n: int, s: MemorySettings) -> int:
+def lora_input_activations(attention_sites: list[AdapterSite], n: int, s: MemorySettings) -> int:
     """Attention LoRA: each projection keeps its input cast to the adapter dtype, and x A^T.
 
     Without a cast (adapter dtype = base dtype) q, k and v read one saved tensor.
     """
-    arch = architecture_for(model)
-    attention = arch.attention_module(arch.decoder_layers(model)[0])
-    inputs = {name: getattr(attention, name).weight.shape[1] for name in plan.attention_modules}
+    inputs = {site.name: site.shape[1] for site in attention_sites}
     a = DTYPE_BYTES[s.adapter_dtype]
-    total = a * n * plan.rank * len(inputs)
+    total = sum(a * n * site.rank for site in attention_sites)
     if s.adapter_dtype != s.dtype:
         return total + a * n * sum(inputs.values())
     shared = max((width for name, width in inputs.items() if name != "o_proj"), default=0)
     return total + a * n * (shared + inputs.get("o_proj", 0))
 
 
-def router_activations(model: nn.Module, plan: AdapterPlan, n: int, s: MemorySettings) -> int:
-    """Bytes one MoE layer's router saves: softmax, top-k, renormalisation, router LoRA."""
+def router_activations(model: nn.Module, layer_sites: list[AdapterSite], n: int, s: MemorySettings) -> int:
+    """Bytes one MoE layer's router saves: softmax, top-k, renormalisation, router LoRA (input, W + BA)."""
     arch = architecture_for(model)
     cfg = model.config
     experts, k = arch.num_experts(cfg), arch.top_k(cfg)
@@ -269,40 +250,44 @@ def router_activations(model: nn.Module, plan: AdapterPlan, n: int, s: MemorySet
     total = 4 * n * experts + 8 * n * k
     if getattr(cfg, "norm_topk_prob", True):
         total += 4 * n * (k + 1)
-    if plan.router_rank is not None:
-        total += d * n * cfg.hidden_size + d * experts * cfg.hidden_size
+    for site in layer_sites:
+        if site.kind == "router":
+            out_features, in_features = site.shape
+            total += d * n * in_features + d * out_features * in_features
     return total
 
 
 def expert_activations(
-    plan: AdapterPlan, shapes: dict, rows: float, hot_rows: float, hidden: int, s: MemorySettings
+    routed: list[AdapterSite], shapes: dict, rows: float, hot_rows: float, hidden: int, s: MemorySettings
 ) -> float:
-    """Bytes one MoE layer's routed experts save on `rows` routed rows, `hot_rows` of them adapted."""
+    """Bytes one MoE layer's routed experts save on `rows` routed rows, `hot_rows` of them on the
+    adapted experts (`routed`: the layer's routed-expert sites)."""
     d, a = DTYPE_BYTES[s.dtype], DTYPE_BYTES[s.adapter_dtype]
     two_i = shapes["gate_up_proj"][0]
     inter = shapes["down_proj"][1]
     total = 2 * 8 * rows + d * rows * (two_i + inter + hidden + 1)
-    if not plan.expert_modules or hot_rows == 0:
+    if not routed or hot_rows == 0:
         return total
     total += 8 * hot_rows
-    for name in plan.expert_modules:
-        out_features, in_features = shapes[name]
+    for site in routed:
+        out_features, in_features = site.shape
         total += a * hot_rows * in_features + d * hot_rows * out_features
-        if plan.expert_adapter != "full":
-            rank = plan.allocated_expert_rank
+        if site.form != "full":
+            rank = site.rank
             total += a * hot_rows * (rank + -rank % max(1, 16 // a))  # grouped_mm pads x A^T rows to 16 B
     return total
 
 
-def shared_expert_activations(model: nn.Module, moe, plan: AdapterPlan, n: int, s: MemorySettings) -> int:
+def shared_expert_activations(moe, layer_sites: list[AdapterSite], n: int, s: MemorySettings) -> int:
     """Bytes a shared-expert MLP saves: gate, up and activation outputs, LoRA inputs when adapted."""
     if moe.shared is None:
         return 0
     d, a = DTYPE_BYTES[s.dtype], DTYPE_BYTES[s.adapter_dtype]
     width = moe.shared.down_proj.weight.shape[1]
     total = 3 * d * n * width
-    for name in plan.shared_expert_modules:
-        total += a * n * (getattr(moe.shared, name).weight.shape[1] + plan.rank)
+    for site in layer_sites:
+        if site.kind == "shared_expert":
+            total += a * n * (site.shape[1] + site.rank)
     return total
 
 
@@ -313,10 +298,9 @@ def dense_mlp_activations(layer: nn.Module, n: int, s: MemorySettings) -> int:
     return 3 * DTYPE_BYTES[s.dtype] * n * down.weight.shape[1] if down is not None else 0
 
 
-def hot_row_shares(plan: AdapterPlan, shares: torch.Tensor, layers: list[int]) -> dict[int, float]:
-    """Per MoE layer, the share of routed rows that land on its adapted experts."""
-    hot = plan.hot_experts()
-    return {index: float(shares[slot, hot.get(index, [])].sum()) for slot, index in enumerate(layers)}
+def hot_row_share(routed: list[AdapterSite], shares: torch.Tensor, slot: int) -> float:
+    """The share of a MoE layer's routed rows (row `slot` of `shares`) that land on its adapted experts."""
+    return float(shares[slot, list(routed[0].experts) if routed else []].sum())
 
 
 def layer_activations(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: MemorySettings) -> list[float]:
@@ -325,20 +309,26 @@ def layer_activations(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor,
     w = attention_widths(model)
     n, k = s.tokens, arch.top_k(model.config)
     moe_layers = {moe.index: moe for moe in arch.moe_layers(model)}
-    hot_share = hot_row_shares(plan, shares, list(moe_layers))
+    slots = {index: slot for slot, index in enumerate(moe_layers)}
+    by_layer: dict[int, list[AdapterSite]] = {}
+    for site in adapter_sites(model, plan):
+        by_layer.setdefault(site.layer, []).append(site)
     result = []
     for index, layer in enumerate(arch.decoder_layers(model)):
+        layer_sites = by_layer.get(index, [])
         total = (_rms_norm(n, w.hidden) if index > 0 else 0) + _rms_norm(n, w.hidden)
-        total += attention_activations(model, plan, w, n, s)
+        total += attention_activations(layer_sites, w, n, s)
         moe = moe_layers.get(index)
         if moe is None:
             total += dense_mlp_activations(layer, n, s)
         else:
             rows = n * k
             shapes = arch.expert_shapes(moe.experts)
-            total += router_activations(model, plan, n, s)
-            total += expert_activations(plan, shapes, rows, rows * hot_share[index], w.hidden, s)
-            total += shared_expert_activations(model, moe, plan, n, s)
+            routed = [x for x in layer_sites if x.kind == "routed_expert"]
+            hot_rows = rows * hot_row_share(routed, shares, slots[index])
+            total += router_activations(model, layer_sites, n, s)
+            total += expert_activations(routed, shapes, rows, hot_rows, w.hidden, s)
+            total += shared_expert_activations(moe, layer_sites, n, s)
         result.append(total)
     return result
 
@@ -379,11 +369,12 @@ def memory_report(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: 
     arch = architecture_for(model)
     kept = _kept_16bit(model)
     d, a, ranks = DTYPE_BYTES[s.dtype], DTYPE_BYTES[s.adapter_dtype], s.fsdp
-    held, trainable = adapter_elements(model, plan)
+    sites = adapter_sites(model, plan)
+    held, trainable = adapter_elements(sites)
     mask_bytes = trainable if plan.lori is not None else 0
     weights = weight_bytes(model, s, kept)
     replicated = replicated_bytes(model, s, kept)
-    adapters = a * held + mask_bytes + adapter_buffer_bytes(plan)
+    adapters = a * held + mask_bytes + adapter_buffer_bytes(plan, sites)
     acts = activation_bytes(model, plan, shares, s)
     activations = acts["checkpointed"] if s.gradient_checkpointing else acts["plain"]
     w = attention_widths(model)
@@ -405,8 +396,8 @@ def memory_report(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: 
     ckpt = "with" if s.gradient_checkpointing else "without"
     quant = {
         "none": f"{d} B/param",
-        "nf4": "NF4: ceil(n/2) + 4 ceil(n/64) + 64 B per 2D+ weight",
-        "nf4-dq": "NF4 + double quant: ceil(n/2) + ceil(n/64) + 4 ceil(n/16384) + 1092 B per 2D+ weight",
+        "nf4": "NF4: ceil(n/2) + 4 ceil(n/64) B per 2D+ weight",
+        "nf4-dq": "NF4 + double quant: ceil(n/2) + ceil(n/64) + 4 ceil(n/16384) + 4 B per 2D+ weight",
     }
     shard = f" / {ranks} ranks" if ranks > 1 else ""
     figures = {

@@ -10,9 +10,10 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 
-from .backbones import BackboneConfig, load_backbone
+from .backbones import BackboneConfig
 from .backbones.aux_loss import set_load_balancing_loss
 from .evaluation.runner import BenchmarkRunner
+from .loading import load_backbone
 
 
 class HelloraModule(LightningModule):

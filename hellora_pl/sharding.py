@@ -1,4 +1,4 @@
-"""FSDP2 sharding of the backbone for Lightning's ModelParallelStrategy, and adapter I/O across shards.
+"""FSDP2 sharding of the backbone for Lightning's ModelParallelStrategy, and adapter tensors across shards.
 
 Why FSDP2 (`fully_shard`) and not Lightning's FSDPStrategy (FSDP1): FSDP1 flattens each wrapped
 unit into one FlatParameter, which needs one dtype per unit and `use_orig_params=True` to mix
@@ -9,12 +9,11 @@ NF4Weight) stay whole on every rank; only the 16-bit parameters (embeddings, nor
 adapters) are split.
 
 The callbacks profile and inject on the whole model in their `setup`; `configure_model` runs after
-that, so every rank shards a model that already holds the same adapters.
+that, so every rank shards a model that already holds the same adapters. Rank 0 writes the
+gathered adapters with `adapters.io.write_adapter`, the writer of unsharded runs too.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -71,17 +70,3 @@ def shard_like(tensors: dict[str, torch.Tensor], targets: dict[str, torch.Tensor
             )
         out[name] = t
     return out
-
-
-def save_adapter_tensors(directory: str | Path, tensors: dict[str, torch.Tensor], plan) -> Path:
-    """adapter.safetensors and plan.json from already-gathered tensors (rank 0 of a sharded run)."""
-    from safetensors.torch import save_file
-
-    from .adapters.io import ADAPTER_FILE, PLAN_FILE
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.contiguous() for name, t in tensors.items()}
-    save_file(tensors, str(directory / ADAPTER_FILE), metadata={"format": "hellora_pl", "method": plan.method})
-    plan.save(directory / PLAN_FILE)
-    return directory

@@ -22,9 +22,10 @@ _DATASETS_CACHE = tempfile.TemporaryDirectory(prefix="hellora-tests-datasets-")
 os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE.name
 
 from hellora_pl.adapters.experts import expert_adapter  # noqa: E402
-from hellora_pl.backbones import BackboneConfig, load_backbone  # noqa: E402
+from hellora_pl.backbones import BackboneConfig  # noqa: E402
 from hellora_pl.backbones.tiny import TINY_CONFIGS  # noqa: E402
 from hellora_pl.datamodules import EpochShuffleSampler  # noqa: E402
+from hellora_pl.loading import load_backbone  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,11 @@ class RandomTokens(pl.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def train_dataloader(self):
-        return DataLoader(self.examples, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(self.examples), epoch_fn=self._current_epoch))
+        return DataLoader(
+            self.examples,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(self.examples), epoch_fn=self._current_epoch),
+        )
 
     def val_dataloader(self):
         return DataLoader(self.examples[:4], batch_size=self.batch_size)

@@ -242,3 +242,74 @@ def test_rank_too_large_and_other_bad_input(capsys):
 def test_missing_profile_error(tmp_path, capsys):
     err = error_of(capsys, "--shape", "olmoe-1b-7b", "--method", "hellora", "--profile", str(tmp_path / "p.json"))
     assert "Routing profile" in err and "does not exist" in err
+
+
+def hand_counts(sites, shares, top_k: int, density: float | None = None) -> tuple[int, float]:
+    """Trainable parameters and forward adapter FLOPs per token written out over the sites' fields:
+    LoRA r (out + in) parameters and 2 r (in + out) FLOPs per row, LoRI's B round(density r out),
+    full deltas out in and 2 out in; routed experts at P(e) x top_k per token."""
+    params, flops = 0, 0.0
+    moe_rows = {}  # decoder layer -> row of `shares`
+    for site in sites:
+        out_features, in_features = site.shape
+        ranks = site.ranks if site.kind == "routed_expert" else (site.rank,)
+        for position, rank in enumerate(ranks):
+            if site.form == "full":
+                params += out_features * in_features
+                cost = 2 * out_features * in_features
+            elif site.form == "lori":
+                params += round(density * rank * out_features)  # B only, mask in force
+                cost = 2 * rank * (out_features + in_features)  # dense B
+            else:
+                params += rank * (out_features + in_features)
+                cost = 2 * rank * (out_features + in_features)
+            if site.kind == "routed_expert":
+                row = moe_rows.setdefault(site.layer, len(moe_rows))
+                flops += float(shares[row, site.experts[position]]) * top_k * cost
+            else:
+                flops += cost
+    return params, flops
+
+
+@pytest.mark.parametrize(
+    "family,method", [("olmoe", "hellora"), ("mixtral", "lora"), ("qwen2_moe", "hellori"), ("olmoe", "esft")]
+)
+def test_budget_figures_are_sums_over_independently_built_sites(family, method):
+    """budget() against adapter_sites of a plan built by build_plan directly, on a skewed routing."""
+    from hellora_pl.adapters import LoRISpec, adapter_sites, build_plan
+    from hellora_pl.backbones import BackboneConfig, architecture_for
+    from hellora_pl.backbones.tiny import TINY_CONFIGS
+    from hellora_pl.budget import budget
+    from hellora_pl.loading import load_backbone
+    from hellora_pl.routing import AllExperts, CoveragePerLayer, TopKPerLayer
+
+    model_type, config = TINY_CONFIGS[family]
+    model = load_backbone(BackboneConfig(model_type=model_type, config=dict(config)))
+    arch = architecture_for(model)
+    layers = [moe.index for moe in arch.moe_layers(model)]
+    num_experts, top_k = arch.num_experts(model.config), arch.top_k(model.config)
+    counts = torch.randint(1, 50, (len(layers), num_experts), generator=torch.Generator().manual_seed(1))
+    profile = RoutingProfile(layers, counts, counts.double() / top_k, int(counts.sum()) // top_k, top_k)
+    shares = counts.double() / counts.sum(dim=1, keepdim=True)
+
+    rank, density = 4, 0.25
+    lori = LoRISpec(density, "model", masked=True) if method == "hellori" else None
+    full = method == "esft"
+    policy = {"esft": CoveragePerLayer(coverage=0.2, by="count"), "lora": AllExperts()}.get(method, TopKPerLayer(k=2))
+    plan = build_plan(
+        model, policy, profile,
+        rank=rank, alpha=rank, router_rank=None if full else rank, method=method, lori=lori,
+        attention_modules=[] if full else None, shared_expert_modules=[] if full else None,
+        expert_adapter="full" if full else "lora",
+    )  # fmt: skip
+    sites = adapter_sites(model, plan)
+    assert {s.kind for s in sites} >= ({"routed_expert"} if full else {"attention", "router", "routed_expert"})
+    params, flops = hand_counts(sites, shares, top_k, density)
+
+    report = budget(model, method=method, rank=rank, hot_k=2, profile=profile, lori_density=density)
+    figures = values(report)
+    assert report["adapted_experts"]["total"] == sum(len(layer.hot_experts) for layer in plan.layers)
+    assert figures["trainable_params"] == params
+    assert figures["adapter_flops"] == round(flops)  # FLOP figures are rounded to whole FLOPs
+    parts = ("adapter_flops_attention", "adapter_flops_router", "adapter_flops_shared_experts", "adapter_flops_experts")
+    assert abs(sum(figures[p] for p in parts) - flops) <= 1  # each part rounded once

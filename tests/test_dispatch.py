@@ -78,14 +78,14 @@ def test_triton_where_it_cannot_run_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("quantization", [None, "nf4"])
 def test_whole_model_through_the_triton_seam_matches_torch(quantization):
     """The model needs no other change: its fused experts (16-bit or 4-bit) call the Triton path through transformers."""
-    pytest.importorskip("hellora_pl.kernels.triton_expert")
+    pytest.importorskip("hellora_pl.kernels.triton_host")
     dispatch._triton_forward.cache_clear()
     ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(0))
     triton_model = adapted_model("triton", quantization=quantization)
     torch_model = adapted_model("torch", quantization=quantization)
     assert expert_kernel_of(triton_model) == "triton"
     from hellora_pl.backbones import architecture_for
-    from hellora_pl.kernels.triton_expert import triton_unsupported_reason
+    from hellora_pl.kernels.triton_host import triton_unsupported_reason
 
     probe = torch.zeros(1, triton_model.config.hidden_size)
     assert all(

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from conftest import TINY_OLMOE, naive_experts_forward, tiny_olmoe
-from hellora_pl.adapters import AdapterPlan, ExpertLoRA, LayerPlan, adapter_state_dict, inject_adapters
+from hellora_pl.adapters import AdapterPlan, ExpertDelta, ExpertLoRA, LayerPlan, adapter_state_dict, inject_adapters
 from hellora_pl.adapters.experts import EXPERT_ADAPTER_ATTR
-from hellora_pl.backbones import BackboneConfig, load_backbone
-from hellora_pl.kernels import adapted_experts_forward
+from hellora_pl.backbones import BackboneConfig
+from hellora_pl.kernels import DELTA, LORA, adapted_experts_forward
+from hellora_pl.loading import load_backbone
 
 
 def experts_with_lora(hot, num_tokens=23, top_k=2, seed=0, rank=4, active_ranks=None, lori=False, **config):
@@ -59,7 +60,9 @@ def position(tensors, wanted):
     ids=["odd-rank", "unaligned-rank", "dr-lora-active-ranks", "lori-mask"],
 )
 def test_ranks_and_masks_match_naive_loop(rank, active_ranks, lori):
-    experts, lora, hidden, index, weights = experts_with_lora([1, 2, 7], top_k=2, rank=rank, active_ranks=active_ranks, lori=lori)
+    experts, lora, hidden, index, weights = experts_with_lora(
+        [1, 2, 7], top_k=2, rank=rank, active_ranks=active_ranks, lori=lori
+    )
     hidden.requires_grad_(True)
     trainable = [p for p in lora.parameters() if p.requires_grad]
     assert len(trainable) == (2 if lori else 4)  # LoRI: A frozen
@@ -169,3 +172,43 @@ def test_bfloat16_base_keeps_float32_adapters_that_train(token_batch):
     model(**token_batch, labels=token_batch["input_ids"]).loss.backward()
     grads = [t.grad for t in adapters.values()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+class _DuckDelta:
+    """Meets kernels.contract.DeltaExperts without being an adapters class: the path must read `kind`."""
+
+    kind = DELTA
+
+    def __init__(self, num_experts, hot, deltas):
+        self.hot_experts = torch.tensor(hot)
+        self.slot_of_expert = torch.full((num_experts,), -1, dtype=torch.long)
+        self.slot_of_expert[self.hot_experts] = torch.arange(len(hot))
+        self.deltas = deltas
+
+    @property
+    def num_hot(self):
+        return int(self.hot_experts.numel())
+
+    @property
+    def projections(self):
+        return list(self.deltas)
+
+    def delta_weight(self, name):
+        return self.deltas[name]
+
+
+def test_the_expert_path_reads_the_contract_not_the_adapter_classes():
+    assert (ExpertLoRA.kind, ExpertDelta.kind) == (LORA, DELTA)
+    experts, _, hidden, index, weights = experts_with_lora([0, 3])
+    delattr(experts, EXPERT_ADAPTER_ATTR)
+    hot, experts_projections = [1, 3, 6], ("gate_up_proj", "down_proj")
+    deltas = {name: 0.1 * torch.randn(len(hot), *getattr(experts, name).shape[1:]) for name in experts_projections}
+    setattr(experts, EXPERT_ADAPTER_ATTR, _DuckDelta(8, hot, deltas))
+    ours = adapted_experts_forward(experts, hidden, index, weights)
+    delattr(experts, EXPERT_ADAPTER_ATTR)
+    with torch.no_grad():  # the same update folded into the base: no adapter left
+        for name, delta in deltas.items():
+            getattr(experts, name)[hot] += delta
+    merged = adapted_experts_forward(experts, hidden, index, weights)
+    assert (ours - naive_experts_forward(experts, hidden, index, weights)).abs().max() < 1e-5
+    torch.testing.assert_close(ours, merged, atol=1e-5, rtol=1e-5)

@@ -21,8 +21,9 @@ from hellora_pl.adapters import (
 )
 from hellora_pl.adapters.export import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_merged, export_peft
 from hellora_pl.adapters.router import router_lora
-from hellora_pl.backbones import BackboneConfig, architecture_for, load_backbone
+from hellora_pl.backbones import BackboneConfig, architecture_for
 from hellora_pl.backbones.tiny import tiny_backbone_config
+from hellora_pl.loading import load_backbone
 from hellora_pl.routing import AllExperts, CoveragePerLayer, RoutingRecorder, TopKPerLayer
 
 peft = pytest.importorskip("peft")

@@ -24,9 +24,9 @@ from conftest import RandomTokens, make_trainer
 from hellora_pl import HelloraModule, HotExpertInjectionCallback, RoutingProfilerCallback
 from hellora_pl.adapters import ADAPTER_FILE, build_plan, inject_adapters, load_adapter, save_adapter
 from hellora_pl.adapters.io import portable_name
-from hellora_pl.backbones import load_backbone
 from hellora_pl.backbones.tiny import tiny_backbone_config
 from hellora_pl.cli import main as cli_main
+from hellora_pl.loading import load_backbone
 from hellora_pl.routing import AllExperts
 
 peft = pytest.importorskip("peft")

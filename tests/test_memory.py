@@ -12,10 +12,19 @@ import torch
 
 from conftest import REPO
 from hellora_pl.adapters import DynamicRankSpec, LoRISpec, build_plan, inject_adapters
-from hellora_pl.backbones.loading import BackboneConfig, load_backbone
+from hellora_pl.backbones import BackboneConfig
+from hellora_pl.loading import load_backbone
 from hellora_pl.backbones.tiny import TINY_CONFIGS
 from hellora_pl.budget import main, selection_shares, uniform_profile
-from hellora_pl.memory import MemorySettings, _kept_16bit, activation_bytes, memory_report, nf4_bytes, replicated_bytes
+from hellora_pl.memory import (
+    MemorySettings,
+    _kept_16bit,
+    activation_bytes,
+    memory_report,
+    nf4_bytes,
+    replicated_bytes,
+    weight_bytes,
+)
 from hellora_pl.routing import RoutingRecorder, TopKPerLayer
 
 B, T = 2, 32
@@ -153,18 +162,36 @@ def test_fsdp_does_not_shard_nf4_storage():
     assert two["adapters"] == (one["adapters"] + 1) // 2
 
 
-def test_nf4_bytes_follow_bitsandbytes():
-    assert nf4_bytes(64 * 1024) == 32 * 1024 + 4 * 1024 + 64  # 0.5625 B/param plus the code
-    assert nf4_bytes(10**9) / 10**9 <= 0.6
-    assert nf4_bytes(10**9, double_quant=True) / 10**9 == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), abs=1e-5)
-    bnb = pytest.importorskip("bitsandbytes.functional")
-    weight = torch.randn(96, 200, dtype=torch.bfloat16)
-    for double_quant in (False, True):
-        packed, state = bnb.quantize_4bit(weight, quant_type="nf4", compress_statistics=double_quant)
-        held = [packed, state.absmax, state.code]
-        if double_quant:
-            held += [state.state2.absmax, state.state2.code, state.offset]
-        assert nf4_bytes(weight.numel(), double_quant) == nbytes(held)
+def test_nf4_bytes_per_weight():
+    assert nf4_bytes(64 * 1024) == 32 * 1024 + 4 * 1024  # 0.5625 B/param; the code book is shared
+    assert nf4_bytes(10**9) / 10**9 == pytest.approx(0.5 + 4 / 64, abs=1e-6)
+    assert nf4_bytes(10**9, double_quant=True) / 10**9 == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), abs=1e-6)
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "nf4-dq"])
+def test_nf4_formula_equals_what_a_quantized_tiny_model_stores(quantization):
+    """The one NF4 byte formula (quant.nf4.nf4_bytes) against NF4Weight's buffers after quantize_model,
+    per tensor and for the whole model, as the memory estimate and the budget count it."""
+    pytest.importorskip("bitsandbytes")
+    from hellora_pl.budget import base_figures
+    from hellora_pl.quant import NF4Weight, quantize_model, quantized_bytes
+
+    dense = tiny_model("mixtral")
+    model = tiny_model("mixtral")
+    quantize_model(model, quantization)
+    stored = [m for m in model.modules() if isinstance(m, NF4Weight)]
+    assert {m.double_quant for m in stored} == {quantization == "nf4-dq"}
+    assert {m.role for m in stored} == {"attention", "router", "experts"}
+    for weight in stored:
+        assert nf4_bytes(weight.numel(), weight.double_quant) == weight.nbytes()
+    assert sum(nf4_bytes(w.numel(), w.double_quant) for w in stored) == sum(
+        entry["bytes"] for entry in quantized_bytes(model).values()
+    )
+    held = nbytes(model.parameters()) + sum(w.nbytes() for w in stored)  # the rest stays bf16
+    settings = MemorySettings(batch_size=B, seq_len=T, quantization=quantization)
+    assert weight_bytes(dense, settings, _kept_16bit(dense)) == held
+    if quantization == "nf4":
+        assert base_figures(dense)["bytes_nf4"] == held  # the budget's 4-bit figure, no double quant
 
 
 def memory_json(capsys, *args: str) -> dict:

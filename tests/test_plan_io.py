@@ -125,3 +125,39 @@ def test_remove_adapters_restores_the_base(model, token_batch):
     with torch.no_grad():
         torch.testing.assert_close(model(**token_batch).logits, base, atol=1e-6, rtol=1e-6)
     assert set(model.state_dict()) == set(tiny_olmoe().state_dict())
+
+
+def test_a_sharded_run_writes_the_adapter_file_of_an_unsharded_one(tmp_path, monkeypatch):
+    """Rank 0 of a sharded fit saves what an unsharded fit saves: on a 4-bit router the LoRA is
+    parametrization 1 (after the NF4 storage), and the file names it portably, as parametrization 0."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    import hellora_pl.callbacks.injection as injection
+    from hellora_pl import HotExpertInjectionCallback
+    from hellora_pl.adapters import ADAPTER_FILE, PLAN_FILE
+    from hellora_pl.backbones import BackboneConfig
+    from hellora_pl.backbones.tiny import TINY_CONFIGS
+    from hellora_pl.loading import load_backbone
+
+    config = BackboneConfig(model_type="mixtral", config=dict(TINY_CONFIGS["mixtral"][1]), quantization="nf4")
+    model = load_backbone(config)
+    plan = build_plan(model, AllExperts(), None, rank=4, alpha=8.0, router_rank=2)
+    inject_adapters(model, plan)
+    randomize_adapters(model)
+    assert any(".parametrizations.weight.1." in name for name in adapter_state_dict(model))  # the 4-bit case
+
+    callback = HotExpertInjectionCallback(output_dir=str(tmp_path / "sharded"))
+    callback._model, callback.plan = model, plan
+    # The sharded branch of `_save`: full_tensors copies plain tensors as it gathers DTensors.
+    monkeypatch.setattr(injection, "is_sharded", lambda _: True)
+    callback._save(SimpleNamespace(fast_dev_run=False, is_global_zero=True, log_dir=str(tmp_path)))
+    save_adapter(tmp_path / "unsharded", model, plan)
+
+    sharded = load_file(str(tmp_path / "sharded" / ADAPTER_FILE))
+    unsharded = load_file(str(tmp_path / "unsharded" / ADAPTER_FILE))
+    assert sorted(sharded) == sorted(unsharded)
+    assert not any(".parametrizations.weight.1." in name for name in sharded)
+    assert all(torch.equal(sharded[name], unsharded[name]) for name in unsharded)
+    assert (tmp_path / "sharded" / PLAN_FILE).read_text() == (tmp_path / "unsharded" / PLAN_FILE).read_text()

@@ -14,9 +14,10 @@ from conftest import RandomTokens, make_trainer  # noqa: E402
 from hellora_pl import HelloraModule, HotExpertInjectionCallback, RoutingProfilerCallback  # noqa: E402
 from hellora_pl.adapters import METHODS, ExpertDelta, ExpertLoRA, LoRALinear, adapter_state_dict  # noqa: E402
 from hellora_pl.adapters.experts import EXPERT_ADAPTER_ATTR  # noqa: E402
-from hellora_pl.backbones import BackboneConfig, architecture_for, load_backbone  # noqa: E402
+from hellora_pl.backbones import BackboneConfig, architecture_for  # noqa: E402
 from hellora_pl.backbones.tiny import TINY_CONFIGS  # noqa: E402
 from hellora_pl.kernels import adapted_experts_forward  # noqa: E402
+from hellora_pl.loading import load_backbone  # noqa: E402
 from hellora_pl.quant import NF4Linear, NF4Weight, quantize_model, quantized_bytes, quantized_storage  # noqa: E402
 from hellora_pl.quant.nf4 import _codes  # noqa: E402
 
@@ -219,13 +220,13 @@ def test_four_bit_tiny_mixtral_trains_with_every_method(tmp_path, method):
 def test_triton_entry_runs_4bit_experts(monkeypatch):
     """The Triton entry dequantizes the routed experts itself: on a 4-bit layer it matches the torch path."""
     pytest.importorskip("triton")
-    triton_expert = pytest.importorskip("hellora_pl.kernels.triton_expert")
+    triton_host = pytest.importorskip("hellora_pl.kernels.triton_host")
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # so Triton can run here (its CPU interpreter)
     experts, _, _, hidden, index, weights = quantized_experts([0, 3], 2)
-    assert triton_expert.triton_unsupported_reason(experts, hidden) is None
+    assert triton_host.triton_unsupported_reason(experts, hidden) is None
     with torch.no_grad():
-        got = triton_expert.triton_adapted_experts_forward(experts, hidden, index, weights)
+        got = triton_host.triton_adapted_experts_forward(experts, hidden, index, weights)
         want = adapted_experts_forward(experts, hidden, index, weights)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 

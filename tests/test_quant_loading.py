@@ -7,7 +7,8 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from hellora_pl.backbones import BackboneConfig, load_backbone  # noqa: E402
+from hellora_pl.backbones import BackboneConfig  # noqa: E402
+from hellora_pl.loading import load_backbone  # noqa: E402
 from hellora_pl.backbones.tiny import TINY_CONFIGS  # noqa: E402
 from hellora_pl.quant import quantize_model, quantized_storage  # noqa: E402
 from hellora_pl.quant.loading import HelloraNF4Quantizer  # noqa: E402

@@ -62,7 +62,8 @@ def test_export_snippet_runs_and_its_exports_reproduce_the_adapted_model(tmp_pat
     from transformers import AutoModelForCausalLM
 
     from hellora_pl.adapters import adapter_state_dict, build_plan, inject_adapters, save_adapter
-    from hellora_pl.backbones import BackboneConfig, load_backbone
+    from hellora_pl.backbones import BackboneConfig
+    from hellora_pl.loading import load_backbone
     from hellora_pl.routing import AllExperts
 
     peft = pytest.importorskip("peft")

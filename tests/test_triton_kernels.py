@@ -32,7 +32,7 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeExperts  # noqa: E402
 from conftest import naive_experts_forward  # noqa: E402
 from hellora_pl.adapters.experts import EXPERT_ADAPTER_ATTR, ExpertDelta, ExpertLoRA, expert_adapter  # noqa: E402
 from hellora_pl.kernels.reference import adapted_experts_forward  # noqa: E402
-from hellora_pl.kernels.triton_expert import (  # noqa: E402
+from hellora_pl.kernels.triton_host import (  # noqa: E402
     build_routing,
     triton_adapted_experts_forward,
     triton_available,

@@ -26,7 +26,7 @@ pytest.importorskip("bitsandbytes")
 from test_triton_kernels import CUDA_ONLY, DEVICE, PROJECTIONS, make_layer, one_expert_index, run  # noqa: E402
 
 from hellora_pl.kernels.reference import adapted_experts_forward  # noqa: E402
-from hellora_pl.kernels.triton_expert import (  # noqa: E402
+from hellora_pl.kernels.triton_host import (  # noqa: E402
     build_routing,
     triton_adapted_experts_forward,
     triton_available,

@@ -8,7 +8,9 @@ h_s); cold experts have no parameters at all. Two kinds:
 - `ExpertDelta`: a full-rank delta [n_hot, out, in] per projection (ESFT).
 
 The same adapter object serves both layouts. With fused experts ([E, out, in] tensors) it is
-attached to the experts module and the expert path in `hellora_pl.kernels` reads it. With an
+attached to the experts module and the expert path in `hellora_pl.kernels` reads it through the
+contract that `hellora_pl.kernels.contract` owns (`kind`, hot experts, slots, projections and
+the LoRA factors or the deltas); the kernels never import this module. With an
 nn.ModuleList of expert MLPs it is attached to the MoE block, and each hot expert's linears are
 wrapped by `ExpertSlotLinear`, which adds that expert's slot of the update.
 """
@@ -20,9 +22,20 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..kernels.contract import DELTA, EXPERT_ADAPTER_ATTR, LORA, expert_adapter
 from .common import check_rank, effective_B, init_lora_pair
 
-EXPERT_ADAPTER_ATTR = "hellora_lora"
+__all__ = [
+    "EXPERT_ADAPTER_ATTR",
+    "ExpertAdapter",
+    "ExpertDelta",
+    "ExpertLoRA",
+    "ExpertSlotLinear",
+    "attach_expert_adapter",
+    "detach_expert_adapter",
+    "expert_adapter",
+    "layer_expert_adapter",
+]
 
 
 class _BufferDict(nn.Module):
@@ -38,7 +51,9 @@ class _BufferDict(nn.Module):
 
 
 class ExpertAdapter(nn.Module):
-    """The hot experts of one MoE layer and the expert -> slot map."""
+    """The hot experts of one MoE layer and the expert -> slot map (`kernels.contract.AdaptedExperts`)."""
+
+    kind: str  # LORA or DELTA: how the expert path reads the subclass
 
     def __init__(self, num_experts: int, hot_experts: Sequence[int], where: str):
         super().__init__()
@@ -76,8 +91,10 @@ class ExpertLoRA(ExpertAdapter):
     `rank` is the allocated rank. `active_ranks` (DR-LoRA) switches rank slices at or beyond each
     expert's active rank off; `lori` freezes A and adds a mask on B (all ones until a sparsity
     mask is set). `scale` is alpha / r for the plan's nominal rank r, so growing a rank does not
-    rescale the update.
+    rescale the update. Implements `kernels.contract.LoRAExperts`.
     """
+
+    kind = LORA
 
     def __init__(
         self,
@@ -139,7 +156,9 @@ class ExpertLoRA(ExpertAdapter):
 
 
 class ExpertDelta(ExpertAdapter):
-    """A full-rank trainable delta per hot expert (ESFT), zero at the start."""
+    """A full-rank trainable delta per hot expert (ESFT), zero at the start (`kernels.contract.DeltaExperts`)."""
+
+    kind = DELTA
 
     def __init__(
         self,
@@ -188,12 +207,7 @@ class ExpertSlotLinear(nn.Module):
         return self.base_layer(x) + self.adapter.slot_update(self.name, self.slot, x).to(x.dtype)
 
 
-# -- attaching to a model ------------------------------------------------------------------
-
-
-def expert_adapter(host: nn.Module) -> ExpertAdapter | None:
-    """The expert adapter attached to an experts module (fused) or an MoE block (ModuleList)."""
-    return getattr(host, EXPERT_ADAPTER_ATTR, None)
+# -- attaching to a model (under kernels.contract.EXPERT_ADAPTER_ATTR; `expert_adapter` reads it) --------------
 
 
 def layer_expert_adapter(moe) -> ExpertAdapter | None:

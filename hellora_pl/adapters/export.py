@@ -26,7 +26,8 @@ Limits: the file reproduces the adapted model's function, not its training state
 DR-LoRA's inactive rank slices are zero in both A and B, so training on in PEFT gives them no
 gradient; LoRI's mask and frozen A are not carried over; dropout is not exported (PEFT's parameter
 targets refuse it). PEFT runs fused experts by building W + BA for every expert on each forward,
-which is much slower than hellora_pl's adapted expert path (see DESIGN.md).
+which is slower than hellora_pl's adapted expert path: benchmarks/train_throughput.py measures
+both on the same model (results in benchmarks/results/train_throughput_*.md).
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..backbones import architecture_for
-from .experts import ExpertLoRA, expert_adapter, layer_expert_adapter
-from .inject import injected_hot_experts, is_injected
-from .linear import LoRALinear
+from .at_sites import adapters_at_sites
+from .experts import ExpertLoRA
+from .inject import is_injected
 from .merge import merge_adapters
 from .plan import AdapterPlan
-from .router import router_lora
+from .sites import adapter_sites
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -118,61 +119,42 @@ def export_peft(
     not exported (PEFT's parameter targets do not support it; the adapter is for inference).
     `base_model_name_or_path` defaults to the model's `name_or_path`.
     """
-    arch = architecture_for(model)
     if plan.expert_adapter == "full":
         raise ValueError(
             f"The {plan.method!r} plan holds full-rank expert deltas, which are not LoRA and cannot be "
             "exported as a PEFT LoRA adapter; use export_merged(model, directory) to save a merged checkpoint."
         )
-    if arch.name != plan.architecture:
-        raise ValueError(f"The plan was made for {plan.architecture!r} but the model is {arch.name!r}.")
+    arch = architecture_for(model)
+    sites = adapter_sites(model, plan)  # checks the plan's architecture and modules against the model
     if not is_injected(model):
         raise ValueError("The model holds no hellora adapters; inject the plan (and load its weights) before export.")
-    injected = {layer: experts for layer, experts in injected_hot_experts(model).items() if experts}
-    planned = {layer: experts for layer, experts in plan.hot_experts().items() if experts and plan.expert_modules}
-    if injected != planned:
-        raise ValueError(
-            f"The model's expert adapters {injected} do not match the plan's hot experts {planned}; "
-            "export with the plan that was injected into this model."
-        )
+    found = adapters_at_sites(model, sites)  # and the injected adapters against the plan's sites
     directory = _check_directory(directory, overwrite)
 
-    names = {id(module): name for name, module in model.named_modules()}
     linears: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module name -> (A [r, in], scaled B [out, r])
     routers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # router module name -> (A, scaled B)
-    fused: list[tuple[str, ExpertLoRA]] = []  # (experts module name, adapter)
+    fused: dict[str, ExpertLoRA] = {}  # experts module name -> the layer's adapter
     ranks: list[int] = []
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, LoRALinear):
-                linears[name] = (module.lora_A.detach(), (module.scale * module.effective_B()).detach())
-                ranks.append(module.rank)
-        for moe in arch.moe_layers(model):
-            lora = router_lora(moe.router)
-            if lora is not None:
-                routers[names[id(moe.router)]] = (lora.lora_A.detach(), (lora.scale * lora.effective_B()).detach())
-                ranks.append(lora.rank)
-            adapter = layer_expert_adapter(moe)
-            if adapter is None:
-                continue
-            if not isinstance(adapter, ExpertLoRA):
-                raise ValueError(
-                    f"Layer {moe.index} holds full-rank expert deltas (ESFT), which cannot be exported as LoRA; "
-                    "use export_merged(model, directory)."
-                )
-            ranks.append(_expert_rank_in_use(adapter))
-            experts_name = names[id(moe.experts)]
-            if expert_adapter(moe.experts) is not None:  # fused: [E, out, in] parameters
-                if getattr(moe.experts, "is_transposed", False):
+        for site, adapter in found:
+            if site.kind == "router":
+                routers[site.module] = (adapter.lora_A.detach(), (adapter.scale * adapter.effective_B()).detach())
+                ranks.append(adapter.rank)
+            elif site.kind != "routed_expert":  # attention and shared-expert linears
+                linears[site.path] = (adapter.lora_A.detach(), (adapter.scale * adapter.effective_B()).detach())
+                ranks.append(adapter.rank)
+            elif arch.fused:  # [E, out, in] parameters: one PEFT target parameter per projection
+                if getattr(model.get_submodule(site.module), "is_transposed", False):
                     raise NotImplementedError(
-                        f"{experts_name} stores experts as [E, in, out] (is_transposed); export supports [E, out, in]."
+                        f"{site.module} stores experts as [E, in, out] (is_transposed); export supports [E, out, in]."
                     )
-                fused.append((experts_name, adapter))
+                fused[site.module] = adapter
+                ranks.append(_expert_rank_in_use(adapter))
             else:  # nn.ModuleList: each hot expert's nn.Linear, by full name
-                for slot, expert in enumerate(adapter.hot_experts.tolist()):
-                    for proj in adapter.projections:
-                        b = (adapter.scale * adapter.effective_B(proj)[slot]).detach()
-                        linears[f"{experts_name}.{expert}.{proj}"] = (adapter.lora_A[proj][slot].detach(), b)
+                for slot, expert in enumerate(site.experts):
+                    b = (adapter.scale * adapter.effective_B(site.name)[slot]).detach()
+                    linears[f"{site.module}.{expert}.{site.name}"] = (adapter.lora_A[site.name][slot].detach(), b)
+                ranks.append(_expert_rank_in_use(adapter))
 
         rank = max(ranks)
         tensors: dict[str, torch.Tensor] = {}
@@ -187,7 +169,7 @@ def export_peft(
         for router_name, (a, b) in routers.items():
             put(router_name, *_pad_lora(a, b, rank))
             target_parameters.append(f"{router_name}.weight")
-        for experts_name, adapter in fused:
+        for experts_name, adapter in fused.items():
             # PEFT wraps the targeted parameters in the order the module registers them, each wrapper
             # around the previous one: the first registered is the innermost base_layer.
             registered = [p for p, _ in model.get_submodule(experts_name).named_parameters(recurse=False)]
@@ -228,7 +210,11 @@ def export_peft(
 
 
 def export_merged(
-    model: nn.Module, directory: str | Path, overwrite: bool = False, experts_implementation: str = "grouped_mm"
+    model: nn.Module,
+    directory: str | Path,
+    overwrite: bool = False,
+    experts_implementation: str = "grouped_mm",
+    plan: AdapterPlan | None = None,
 ) -> Path:
     """Merge every hellora adapter into `model` and `save_pretrained` it to `directory`; return it.
 
@@ -236,9 +222,10 @@ def export_merged(
     experts implementation is reset to `experts_implementation`). The checkpoint has the original
     parameter names and loads with `AutoModelForCausalLM.from_pretrained` without hellora_pl (a
     model class that is not in transformers, such as tiny_deepseek_moe, needs its registration).
-    Works for every method, ESFT's full-rank expert deltas included.
+    Works for every method, ESFT's full-rank expert deltas included. `plan`: the plan injected into
+    `model`, checked against its adapters before merging (see `merge_adapters`).
     """
     directory = _check_directory(directory, overwrite)
-    merge_adapters(model, experts_implementation=experts_implementation)
+    merge_adapters(model, experts_implementation=experts_implementation, plan=plan)
     model.save_pretrained(directory)
     return directory

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backbones import DTYPES as ADAPTER_DTYPES
 from ..backbones import architecture_for
-from ..backbones.loading import DTYPES as ADAPTER_DTYPES
 from ..kernels import ExpertKernel, use_adapted_experts
 from .experts import (
     ExpertAdapter,
@@ -19,6 +19,8 @@ from .linear import LoRALinear
 from .plan import AdapterPlan
 from .router import RouterLoRA, attach_router_lora, router_lora
 from .sites import AdapterSite, adapter_sites
+
+INJECTED_PLAN_ATTR = "hellora_plan"
 
 
 def inject_adapters(model: nn.Module, plan: AdapterPlan, expert_kernel: ExpertKernel = "auto") -> None:
@@ -56,6 +58,16 @@ def inject_adapters(model: nn.Module, plan: AdapterPlan, expert_kernel: ExpertKe
         attach_expert_adapter(moe, _expert_adapter(arch, moe, group, plan, dtype), arch.fused)
     if arch.fused:
         use_adapted_experts(model, expert_kernel)
+    model.__dict__[INJECTED_PLAN_ATTR] = plan  # the live plan (companions update it): merge reads its sites
+
+
+def injected_plan(model: nn.Module) -> AdapterPlan | None:
+    """The plan `inject_adapters` put into `model` (None when it holds none)."""
+    return model.__dict__.get(INJECTED_PLAN_ATTR)
+
+
+def forget_injected_plan(model: nn.Module) -> None:
+    model.__dict__.pop(INJECTED_PLAN_ATTR, None)
 
 
 def _expert_adapter(arch, moe, group: list[AdapterSite], plan: AdapterPlan, dtype: torch.dtype) -> ExpertAdapter:

@@ -1,4 +1,5 @@
-"""Save and load adapters: plan.json plus adapter.safetensors (adapter tensors only)."""
+"""Save and load adapters: plan.json plus adapter.safetensors (adapter tensors only); and the plan a
+fit's Lightning checkpoint carries, read without Lightning."""
 
 from __future__ import annotations
 
@@ -33,13 +34,23 @@ def named_like(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, 
     return {names.get(portable_name(name), name): tensor for name, tensor in tensors.items()}
 
 
-def save_adapter(directory: str | Path, model: nn.Module, plan: AdapterPlan) -> Path:
+def write_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], plan: AdapterPlan) -> Path:
+    """The one writer of adapter.safetensors (under `portable_name`s, CPU, contiguous) and plan.json.
+
+    `tensors` are adapter tensors by their names in the model: `adapter_state_dict(model)`, or the
+    whole copies rank 0 gathered from a sharded model.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {portable_name(name): t.detach().to("cpu").contiguous() for name, t in adapter_state_dict(model).items()}
+    tensors = {portable_name(name): t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     save_file(tensors, str(directory / ADAPTER_FILE), metadata={"format": "hellora_pl", "method": plan.method})
     plan.save(directory / PLAN_FILE)
     return directory
+
+
+def save_adapter(directory: str | Path, model: nn.Module, plan: AdapterPlan) -> Path:
+    """Write the adapters injected into `model` (not sharded) and `plan` to `directory`."""
+    return write_adapter(directory, adapter_state_dict(model), plan)
 
 
 def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -78,3 +89,34 @@ def load_adapter(model: nn.Module, directory: str | Path, expert_kernel: str = "
     inject_adapters(model, plan, expert_kernel)
     load_adapter_weights(model, load_file(str(weights)))
     return plan
+
+
+# -- the plan in a fit's Lightning checkpoint --------------------------------------------------
+# Lightning's file beside a sharded checkpoint's shards: everything but the model and optimizer states.
+SHARDED_METADATA = "meta.pt"
+
+
+def checkpoint_metadata_file(path: str | Path) -> Path:
+    """The file that keeps a checkpoint's callbacks' states: the checkpoint file itself, or a sharded
+    (FSDP2) checkpoint folder's meta.pt."""
+    path = Path(path)
+    return path / SHARDED_METADATA if path.is_dir() else path
+
+
+def load_checkpoint_metadata(path: str | Path, mmap: bool = False):
+    """`torch.load` of `checkpoint_metadata_file(path)` onto the CPU, tensors only (weights_only).
+
+    Without the model state of a sharded folder (its shards); with the whole state dict of a file.
+    """
+    return torch.load(checkpoint_metadata_file(path), map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def checkpoint_plan_states(checkpoint) -> dict[str, dict]:
+    """The callbacks' states in a loaded checkpoint that carry a hellora plan, by state key.
+
+    HotExpertInjectionCallback keeps {"plan": plan.to_dict(), "adapters": {name: tensor}} there.
+    """
+    callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
+    if not isinstance(callbacks, dict):
+        return {}
+    return {key: state for key, state in callbacks.items() if isinstance(state, dict) and state.get("plan")}

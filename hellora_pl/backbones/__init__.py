@@ -1,8 +1,8 @@
-"""Backbones: loading, and one small description per MoE architecture."""
+"""Backbones: one small description per MoE architecture, and `BackboneConfig` (loading: `hellora_pl.loading`)."""
 
 from . import families, tiny_deepseek_moe  # noqa: F401  (register the built-in architectures and the tiny ModuleList model)
 from .architecture import MoEArchitecture, MoELayer
-from .loading import BackboneConfig, load_backbone
+from .config import DTYPES, BackboneConfig
 from .registry import (
     ARCHITECTURES,
     UnsupportedArchitectureError,
@@ -13,12 +13,12 @@ from .registry import (
 
 __all__ = [
     "ARCHITECTURES",
+    "DTYPES",
     "BackboneConfig",
     "MoEArchitecture",
     "MoELayer",
     "UnsupportedArchitectureError",
     "architecture_for",
-    "load_backbone",
     "register_architecture",
     "supported_model_types",
 ]

@@ -6,6 +6,8 @@ top-2 routing, and the family's extras (shared experts, latent attention, group-
 
 from __future__ import annotations
 
+from .config import BackboneConfig
+
 _COMMON = {
     "vocab_size": 64,
     "hidden_size": 32,
@@ -44,32 +46,63 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     ),
     "qwen3_moe": (
         "qwen3_moe",
-        {**_COMMON, "intermediate_size": 48, "moe_intermediate_size": 24, "num_experts": 8,
-         "num_experts_per_tok": 2, "head_dim": 16},
+        {
+            **_COMMON,
+            "intermediate_size": 48,
+            "moe_intermediate_size": 24,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "head_dim": 16,
+        },
     ),  # fmt: skip
     "deepseek_v2": (
         "deepseek_v2",
-        {**_COMMON, **_DEEPSEEK_MLA, "intermediate_size": 48, "moe_intermediate_size": 24, "n_routed_experts": 8,
-         "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": None},
+        {
+            **_COMMON,
+            **_DEEPSEEK_MLA,
+            "intermediate_size": 48,
+            "moe_intermediate_size": 24,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "q_lora_rank": None,
+        },
     ),  # fmt: skip
     "deepseek_v3": (
         "deepseek_v3",
-        {**_COMMON, **_DEEPSEEK_MLA, "intermediate_size": 48, "moe_intermediate_size": 24, "n_routed_experts": 8,
-         "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": 16,
-         "n_group": 2, "topk_group": 1},
+        {
+            **_COMMON,
+            **_DEEPSEEK_MLA,
+            "intermediate_size": 48,
+            "moe_intermediate_size": 24,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "q_lora_rank": 16,
+            "n_group": 2,
+            "topk_group": 1,
+        },
     ),  # fmt: skip
     "deepseek_moe": (
         "tiny_deepseek_moe",
-        {**_COMMON, "intermediate_size": 48, "moe_intermediate_size": 24, "n_routed_experts": 8,
-         "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "aux_loss_alpha": 0.0},
+        {
+            **_COMMON,
+            "intermediate_size": 48,
+            "moe_intermediate_size": 24,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "aux_loss_alpha": 0.0,
+        },
     ),  # fmt: skip
 }
 
 
-def tiny_backbone_config(name: str):
+def tiny_backbone_config(name: str) -> BackboneConfig:
     """A BackboneConfig for the tiny model of family `name` (a key of TINY_CONFIGS)."""
-    from .loading import BackboneConfig
-
     if name not in TINY_CONFIGS:
         raise ValueError(f"No tiny config {name!r}; choose one of {', '.join(TINY_CONFIGS)}.")
     model_type, config = TINY_CONFIGS[name]

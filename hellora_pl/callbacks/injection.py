@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -20,12 +19,19 @@ from ..adapters import (
     remove_adapters,
     save_adapter,
 )
-from ..adapters.io import ADAPTER_FILE, PLAN_FILE
+from ..adapters.io import (
+    ADAPTER_FILE,
+    PLAN_FILE,
+    checkpoint_metadata_file,
+    checkpoint_plan_states,
+    load_checkpoint_metadata,
+    write_adapter,
+)
 from ..adapters.methods import MethodName, PlanSettings, method_defaults, resolve_method
 from ..backbones import architecture_for
 from ..kernels.dispatch import IMPLEMENTATIONS, ExpertKernel
 from ..routing import HotExpertPolicy
-from ..sharding import full_tensors, is_sharded, save_adapter_tensors, shard_like
+from ..sharding import full_tensors, is_sharded, shard_like
 from .logging import log_scalars, log_text
 from .protocol import PlanCompanion, backbone_of
 from .routing_profiler import RoutingProfilerCallback
@@ -318,7 +324,7 @@ class HotExpertInjectionCallback(Callback):
             return
         tensors = self._adapter_copies()  # a collective: every rank gathers, rank 0 writes
         if trainer.is_global_zero:
-            save_adapter_tensors(directory, tensors, self.plan)
+            write_adapter(directory, tensors, self.plan)
 
 
 def check_injection_settings(rank, alpha, dropout, adapter_dtype, router_rank, adapter_path) -> None:
@@ -351,14 +357,10 @@ def checkpoint_plan(ckpt_path, state_key: str) -> AdapterPlan | None:
     """
     if ckpt_path is None:
         return None
-    path = Path(ckpt_path)
-    if path.is_dir():
-        path = path / "meta.pt"  # a sharded (FSDP2) checkpoint keeps the callbacks' states here
-    if not path.is_file():
+    if not checkpoint_metadata_file(ckpt_path).is_file():
         return None  # a remote URL or an unusual layout: Lightning's restore reports it, then on_load_checkpoint
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    state = (checkpoint.get("callbacks") or {}).get(state_key) or {}
-    if not state.get("plan"):
+    state = checkpoint_plan_states(load_checkpoint_metadata(ckpt_path, mmap=True)).get(state_key)
+    if state is None:
         raise ValueError(
             f"{ckpt_path} holds no hellora plan: it was not written with HotExpertInjectionCallback, so its "
             "adapters cannot be restored. Start a new fit instead of resuming."

@@ -26,7 +26,7 @@ IMPLEMENTATIONS = {"auto": "hellora", "triton": "hellora_triton", "torch": "hell
 def _triton_forward():
     """The Triton path, or None where Triton cannot run (not installed, or no CUDA and no interpreter)."""
     try:
-        from .triton_expert import triton_adapted_experts_forward, triton_available
+        from .triton_host import triton_adapted_experts_forward, triton_available
     except ImportError:
         return None
     return triton_adapted_experts_forward if triton_available() else None

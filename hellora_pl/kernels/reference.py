@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.experts import ExpertAdapter, ExpertDelta, expert_adapter
+from .contract import DELTA, AdaptedExperts, expert_adapter
 
 _grouped_mm_op = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
@@ -35,7 +35,7 @@ class ExpertRouting:
     hot_offsets: torch.Tensor | None  # int32 [n_hot] cumulative hot rows per slot
 
     @classmethod
-    def build(cls, top_k_index: torch.Tensor, num_experts: int, lora: ExpertAdapter | None) -> ExpertRouting:
+    def build(cls, top_k_index: torch.Tensor, num_experts: int, lora: AdaptedExperts | None) -> ExpertRouting:
         top_k = top_k_index.shape[-1]
         sorted_experts, perm = torch.sort(top_k_index.reshape(-1), stable=True)
         counts = torch.bincount(sorted_experts, minlength=num_experts)
@@ -47,14 +47,14 @@ class ExpertRouting:
         return cls(perm, perm // top_k, offsets, hot_rows, hot_offsets)
 
 
-def lora_update(lora: ExpertAdapter, name: str, x: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+def lora_update(lora: AdaptedExperts, name: str, x: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
     """The adapter's update for the hot rows of x, in hot-row order.
 
     LoRA: scale * (x A^T) B_eff^T, B_eff carrying LoRI's mask and DR-LoRA's active ranks.
     Full-rank delta (ESFT): x D^T.
     """
-    if isinstance(lora, ExpertDelta):
-        delta = lora.lora_delta[name]
+    if lora.kind == DELTA:
+        delta = lora.delta_weight(name)
         return grouped_mm(x[routing.hot_rows].to(delta.dtype), delta.transpose(-2, -1), routing.hot_offsets)
     a, b = lora.lora_A[name], lora.effective_B(name)
     pad = _rank_padding(a.shape[1], a.element_size())

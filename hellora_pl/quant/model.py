@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..backbones import architecture_for
+from ..kernels import use_adapted_experts
 from .nf4 import BLOCKSIZE, NF4Dequantize, NF4Linear, NF4Weight, check_quantization
 
 QUANTIZED_ATTR = "hellora_quantization"
@@ -114,8 +115,6 @@ def quantize_model(
         _install(target, quantized, dense)
     if prequantized:
         raise RuntimeError(f"Quantized weights without a place in the model: {sorted(prequantized)[:5]}")
-
-    from ..kernels import use_adapted_experts
 
     use_adapted_experts(model, "auto")
     setattr(model, QUANTIZED_ATTR, quantization)

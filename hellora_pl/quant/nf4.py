@@ -18,6 +18,7 @@ reshapes the result.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import nn
@@ -28,6 +29,21 @@ QUANTIZATIONS = ("nf4", "nf4-dq")
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block of absmax values under double quantization
 CHUNK_VALUES = 1 << 22  # values per bitsandbytes call while quantizing (8 MB of bf16)
+
+
+def nf4_bytes(numel: int, double_quant: bool = False, blocksize: int = BLOCKSIZE) -> int:
+    """Bytes an `NF4Weight` of `numel` weights holds (the one NF4 byte formula; budget and memory use it).
+
+    nf4: packed codes ceil(n/2) + one fp32 absmax per block, 4 ceil(n/64) (0.5625 B/weight).
+    nf4-dq: the absmax in 8 bits, ceil(n/64), + one fp32 scale per 256 of them + the fp32 offset
+    (0.5159 B/weight). The NF4 code book and the 8-bit dynamic map are shared by every weight
+    (`_codes`), not stored per tensor, so they are not counted here.
+    """
+    blocks = math.ceil(numel / blocksize)
+    packed = math.ceil(numel / 2)
+    if not double_quant:
+        return packed + 4 * blocks
+    return packed + blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 4
 
 
 def _functional():

@@ -1,7 +1,7 @@
-"""Triton kernels of the adapted expert path, and thin launchers around them.
+"""The `@triton.jit` kernels of the adapted expert path, and thin launchers around them (device side).
 
 Every kernel works on (token, k) rows sorted by expert, hot experts first, and reads a block
-table built once per layer (`triton_expert.build_routing`): one row per BLOCK_M-row block that
+table built once per layer (`triton_host.build_routing`): one row per BLOCK_M-row block that
 never straddles two experts, holding (expert, hot slot or -1, first row, end of the expert's
 rows). Hot blocks come first, so the LoRA kernels launch over them only and cold rows get no
 program. Rows are never copied to gather them: kernels load X rows through a row -> token index.

@@ -1,8 +1,11 @@
-"""The adapted expert path in Triton: forward and backward of one MoE layer with LoRA on its hot experts.
+"""The adapted expert path in Triton, host side: forward and backward of one MoE layer with LoRA on its hot experts.
 
 A drop-in for `reference.adapted_experts_forward` (same signature, same result up to rounding).
+This module decides where Triton runs (and falls back to the reference elsewhere), builds the
+routing and block table, and holds the autograd function; the `@triton.jit` kernels and their
+launchers are in `triton_jit`, imported only when a kernel runs.
 
-What is Triton (`triton_expert_kernels`):
+What is Triton (`triton_jit`):
 - the frozen base as grouped GEMMs over expert-sorted rows, X rows gathered by index in place:
   gate_up with the LoRA expand of hot rows and SwiGLU fused into its epilogue, and down with the
   LoRA expand, the routing weights and a scatter to (token, k) order;
@@ -32,7 +35,7 @@ when every expert has rows). Nothing dense is saved or kept in the context: the 
 dequantizes the same experts again (QLoRA's recompute), the down projection for dgu and, when dX
 is needed, gate_up. At most one projection's dense experts exist at a time.
 
-Falls back to the torch reference for what it does not cover: ESFT's `ExpertDelta`, LoRA dropout
+Falls back to the torch reference for what it does not cover: full-rank deltas (ESFT), LoRA dropout
 while training, experts with a custom `_apply_gate` or an activation other than SiLU, biased or transposed
 weights, frozen weights that require a gradient, quantized storage other than a dense tensor or
 one with `dequantize(index, dtype)`, dtypes other than fp32/fp16/bf16, and when Triton cannot run
@@ -48,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters.experts import ExpertLoRA, expert_adapter
+from .contract import LORA, expert_adapter
 from .reference import adapted_experts_forward
 
 __all__ = [
@@ -106,7 +109,7 @@ def triton_unsupported_reason(experts: nn.Module, hidden_states: torch.Tensor) -
         return "the expert weights require a gradient (the Triton path never computes dW)"
     lora = expert_adapter(experts)
     if lora is not None:
-        if not isinstance(lora, ExpertLoRA):
+        if lora.kind != LORA:
             return f"{type(lora).__name__} adapters (full-rank deltas) run in torch"
         if not set(lora.projections) <= set(PROJECTIONS):
             return f"adapted projections {lora.projections} beyond {PROJECTIONS}"
@@ -251,7 +254,7 @@ def _dtypes(base: torch.dtype, *factors: torch.Tensor | None):
     Exact fp32 dots ("ieee") when the base is fp32, tf32 otherwise: fp32 adapters on a 16-bit
     base do not need more. "ieee" only ever meets fp32 operands.
     """
-    from . import triton_expert_kernels as K
+    from . import triton_jit as K
 
     lora = next((f.dtype for f in factors if f is not None), base)
     exact = base == torch.float32
@@ -261,7 +264,7 @@ def _dtypes(base: torch.dtype, *factors: torch.Tensor | None):
 
 def _forward(x, top_k_weights, a1, b1, a2, b2, args: _LayerArgs, save: bool):
     """Returns the layer output [T, H] and, when `save`, (gu, s1, s2) for the backward."""
-    from . import triton_expert_kernels as K
+    from . import triton_jit as K
 
     rt = args.routing
     num_tokens, hidden = x.shape
@@ -310,7 +313,7 @@ class _AdaptedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
-        from . import triton_expert_kernels as K
+        from . import triton_jit as K
 
         x, tw, a1, b1, a2, b2, gu, s1, s2 = ctx.saved_tensors
         args: _LayerArgs = ctx.args

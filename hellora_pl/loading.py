@@ -1,61 +1,38 @@
-"""Load a backbone by hub id or local path, or build one from a config with no network."""
+"""Load a backbone by hub id or local path, or build one from a config with no network; 4-bit when asked.
+
+This sits above both `backbones` (which architectures exist, `BackboneConfig`) and `quant` (NF4
+storage, which itself reads the architectures), so neither of those imports the other back.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .registry import architecture_for, supported_model_types
+from .backbones import DTYPES, BackboneConfig, architecture_for, supported_model_types
+from .quant import check_quantization, quantize_model
+from .quant.loading import load_quantized
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class BackboneConfig:
-    """Which model to fine-tune.
-
-    Give `pretrained` (a hub id or a local directory) to load weights, or `model_type` plus
-    `config` fields to build a randomly initialised model from a config (seeded, offline).
-    With `pretrained`, `config` holds overrides applied to the loaded config. `quantization`
-    ("nf4", "nf4-dq" or None) stores the frozen base in 4 bits (hellora_pl.quant, needs bitsandbytes);
-    a pretrained model is quantized tensor by tensor as it loads, never held whole in 16 bits.
-    """
-
-    pretrained: str | None = None
-    model_type: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "float32"
-    experts_implementation: str = "grouped_mm"
-    attn_implementation: str = "sdpa"
-    seed: int = 0
-    trust_remote_code: bool = False
-    revision: str | None = None
-    quantization: str | None = None
+__all__ = ["BackboneConfig", "load_backbone"]
 
 
 def load_backbone(cfg: BackboneConfig) -> PreTrainedModel:
     if (cfg.pretrained is None) == (cfg.model_type is None):
         raise ValueError(
-            "BackboneConfig needs exactly one of `pretrained` (a hub id or local path) or "
+            "BackboneConfig needs exactly one of `pretrained` (a hub id or a local path) or "
             f"`model_type` (one of {', '.join(supported_model_types())}) with `config` fields; "
             f"got pretrained={cfg.pretrained!r}, model_type={cfg.model_type!r}."
         )
     if cfg.dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}.")
     dtype = DTYPES[cfg.dtype]
-    from ..quant.nf4 import check_quantization
-
     quantize = check_quantization(cfg.quantization)  # fail before loading anything
     if cfg.pretrained is not None:
         return _from_pretrained(cfg, dtype, quantize)  # quantizes tensor by tensor while loading
     model = _from_config(cfg, dtype)
     if quantize:
-        from ..quant import quantize_model
-
         quantize_model(model, cfg.quantization)
     return model
 
@@ -104,8 +81,6 @@ def _from_pretrained(cfg: BackboneConfig, dtype: torch.dtype, quantize: bool) ->
                 f"{source!r} is already quantized ({method}); hellora_pl quantizes a 16-bit checkpoint itself. "
                 "Give the 16-bit checkpoint, or set quantization to null."
             )
-        from ..quant.loading import load_quantized
-
         return load_quantized(source, cfg.quantization, **kwargs)
     return AutoModelForCausalLM.from_pretrained(source, **kwargs)
 

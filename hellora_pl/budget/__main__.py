@@ -1,0 +1,5 @@
+"""`python -m hellora_pl.budget`."""
+
+from .cli import main
+
+main()
