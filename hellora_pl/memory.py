@@ -7,8 +7,10 @@ profile or uniform routing). d = bytes of the base dtype, a = bytes of the adapt
 
 How each term is counted
 ------------------------
-weights      every base parameter at d bytes; with --quantization nf4 every 2D+ weight but the
-             input embedding and lm_head is stored as `hellora_pl.quant`'s NF4Weight holds it
+weights      every base parameter at d bytes; with --quantization nf4 the tensors hellora_pl.quant
+             replaces (`quantized_parameters`: attention, shared-expert and router matrices and
+             fused experts of MoE layers; not the embeddings, lm_head, norms, dense layers' MLPs or
+             other small gates) are stored as its NF4Weight holds them
              (`quant.nf4.nf4_bytes`: blocksize 64, one fp32 absmax per block): ceil(n/2) +
              4 ceil(n/64) bytes (0.5625 B/param); nf4-dq (compress_statistics) quantizes the absmax
              to 8 bits in blocks of 256 with an fp32 scale per block and an fp32 offset: ceil(n/2)
@@ -69,6 +71,7 @@ from torch import nn
 from .adapters.plan import AdapterPlan
 from .adapters.sites import AdapterSite, adapter_sites, allocated_elements, gradient_elements
 from .backbones import architecture_for
+from .quant.model import quantized_parameters
 from .quant.nf4 import nf4_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -110,40 +113,39 @@ class MemorySettings:
 # -- stored weights -------------------------------------------------------------------------
 
 
-def _kept_16bit(model: nn.Module) -> set[int]:
-    """The input embedding and lm_head: never quantized."""
-    kept = {id(model.get_input_embeddings().weight)}
-    head = model.get_output_embeddings()
-    if head is not None:
-        kept.add(id(head.weight))
-    return kept
+def quantized_tensor_ids(model: nn.Module, settings: MemorySettings) -> set[int]:
+    """The base tensors `settings` store in NF4: exactly those hellora_pl.quant replaces
+    (`quantized_parameters`: attention, shared-expert and router matrices and fused experts; the
+    embeddings, lm_head, norms and dense layers' MLPs stay at d)."""
+    if settings.quantization == "none":
+        return set()
+    return {id(param) for param in quantized_parameters(model)}
 
 
-def is_quantized(param: torch.Tensor, settings: MemorySettings, kept: set[int]) -> bool:
-    """Whether `settings` store this base tensor in NF4: every 2D+ weight but the embeddings and lm_head."""
-    return settings.quantization != "none" and param.dim() >= 2 and id(param) not in kept
+def is_quantized(param: torch.Tensor, quantized: set[int]) -> bool:
+    return id(param) in quantized
 
 
-def tensor_bytes(param: torch.Tensor, settings: MemorySettings, kept: set[int]) -> int:
+def tensor_bytes(param: torch.Tensor, settings: MemorySettings, quantized: set[int]) -> int:
     """Stored bytes of one base tensor under `settings`."""
-    if is_quantized(param, settings, kept):
+    if is_quantized(param, quantized):
         return nf4_bytes(param.numel(), settings.quantization == "nf4-dq")
     return DTYPE_BYTES[settings.dtype] * param.numel()
 
 
-def weight_bytes(module: nn.Module, settings: MemorySettings, kept: set[int]) -> int:
+def weight_bytes(module: nn.Module, settings: MemorySettings, quantized: set[int]) -> int:
     """Stored bytes of every parameter of `module` (each tensor once)."""
-    return sum(tensor_bytes(p, settings, kept) for p in module.parameters())
+    return sum(tensor_bytes(p, settings, quantized) for p in module.parameters())
 
 
-def replicated_bytes(module: nn.Module, settings: MemorySettings, kept: set[int]) -> int:
+def replicated_bytes(module: nn.Module, settings: MemorySettings, quantized: set[int]) -> int:
     """Stored bytes FSDP2 does not shard: NF4 storage lives in buffers, and fully_shard shards parameters only."""
-    return sum(tensor_bytes(p, settings, kept) for p in module.parameters() if is_quantized(p, settings, kept))
+    return sum(tensor_bytes(p, settings, quantized) for p in module.parameters() if is_quantized(p, quantized))
 
 
-def largest_quantized_tensor(model: nn.Module, settings: MemorySettings, kept: set[int]) -> int:
+def largest_quantized_tensor(model: nn.Module, quantized: set[int]) -> int:
     """Elements of the largest quantized weight (what a dequantization materialises at once)."""
-    return max((p.numel() for p in model.parameters() if is_quantized(p, settings, kept)), default=0)
+    return max((p.numel() for p in model.parameters() if is_quantized(p, quantized)), default=0)
 
 
 # -- adapters -------------------------------------------------------------------------------
@@ -257,14 +259,19 @@ def router_activations(model: nn.Module, layer_sites: list[AdapterSite], n: int,
     return total
 
 
+def expert_widths(shapes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(2I, I): the width of the gate and up outputs together (one fused gate_up_proj, or a ModuleList
+    expert's gate_proj and up_proj) and the intermediate width down_proj reads."""
+    return sum(out for name, (out, _) in shapes.items() if name != "down_proj"), shapes["down_proj"][1]
+
+
 def expert_activations(
     routed: list[AdapterSite], shapes: dict, rows: float, hot_rows: float, hidden: int, s: MemorySettings
 ) -> float:
     """Bytes one MoE layer's routed experts save on `rows` routed rows, `hot_rows` of them on the
     adapted experts (`routed`: the layer's routed-expert sites)."""
     d, a = DTYPE_BYTES[s.dtype], DTYPE_BYTES[s.adapter_dtype]
-    two_i = shapes["gate_up_proj"][0]
-    inter = shapes["down_proj"][1]
+    two_i, inter = expert_widths(shapes)
     total = 2 * 8 * rows + d * rows * (two_i + inter + hidden + 1)
     if not routed or hot_rows == 0:
         return total
@@ -364,102 +371,30 @@ def _sharded(value: int, ranks: int) -> int:
     return math.ceil(value / ranks)
 
 
+@dataclass(frozen=True)
+class StepTerms:
+    """The byte counts (and element counts for the "how" texts) that one rank's step adds up."""
+
+    weights: int  # every base tensor at its stored bytes, on one unsharded copy
+    replicated: int  # of which NF4 storage (buffers: FSDP2 does not shard them)
+    adapters: int  # adapter tensors, LoRI masks, int64 expert maps
+    held: int  # adapter elements held
+    trainable: int  # adapter elements that train
+    acts: dict  # `activation_bytes`
+    loss_peak: int
+    layer_peak: int
+    dequantized: int
+    recompute: int
+    gathered: int  # FSDP: the root unit + the largest decoder layer, gathered
+
+
 def memory_report(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: MemorySettings) -> dict:
     """The memory breakdown of one rank's training step (`shares`: [MoE layers, E] selection shares)."""
-    arch = architecture_for(model)
-    kept = _kept_16bit(model)
-    d, a, ranks = DTYPE_BYTES[s.dtype], DTYPE_BYTES[s.adapter_dtype], s.fsdp
-    sites = adapter_sites(model, plan)
-    held, trainable = adapter_elements(sites)
-    mask_bytes = trainable if plan.lori is not None else 0
-    weights = weight_bytes(model, s, kept)
-    replicated = replicated_bytes(model, s, kept)
-    adapters = a * held + mask_bytes + adapter_buffer_bytes(plan, sites)
-    acts = activation_bytes(model, plan, shares, s)
-    activations = acts["checkpointed"] if s.gradient_checkpointing else acts["plain"]
-    w = attention_widths(model)
-    rows = s.tokens * arch.top_k(model.config)
-    moe_layers = arch.moe_layers(model)
-    expert_grads = 0
-    if moe_layers:
-        shapes = arch.expert_shapes(moe_layers[0].experts)
-        expert_grads = d * rows * (shapes["gate_up_proj"][0] + shapes["down_proj"][1] + w.hidden)
-    dequantized = d * largest_quantized_tensor(model, s, kept)
-    recompute = acts["largest_layer"] if s.gradient_checkpointing else 0
-    loss_peak = 8 * s.tokens * w.vocab
-    layer_peak = expert_grads + recompute + dequantized
-    gathered = 0
-    if ranks > 1:
-        layers = arch.decoder_layers(model)
-        sharded = [weight_bytes(layer, s, kept) - replicated_bytes(layer, s, kept) for layer in layers]
-        gathered = weights - replicated - sum(sharded) + max(sharded)  # the root unit + the largest layer
-    ckpt = "with" if s.gradient_checkpointing else "without"
-    quant = {
-        "none": f"{d} B/param",
-        "nf4": "NF4: ceil(n/2) + 4 ceil(n/64) B per 2D+ weight",
-        "nf4-dq": "NF4 + double quant: ceil(n/2) + ceil(n/64) + 4 ceil(n/16384) + 4 B per 2D+ weight",
-    }
-    shard = f" / {ranks} ranks" if ranks > 1 else ""
-    figures = {
-        "weights": _figure(
-            _sharded(weights - replicated, ranks) + replicated,
-            quant[s.quantization]
-            + f"; embeddings, lm_head, norms at {d} B"
-            + shard
-            + (
-                " (NF4 storage whole on every rank: FSDP2 shards parameters, not buffers)"
-                if replicated and shard
-                else ""
-            ),
-            "base weights",
-        ),
-        "adapters": _figure(
-            _sharded(adapters, ranks),
-            f"{held:,} adapter elements x {a} B (+ LoRI masks 1 B, expert maps int64)" + shard,
-            "adapter tensors",
-        ),
-        "gradients": _figure(
-            _sharded(a * trainable, ranks),
-            f"{trainable:,} trainable elements x {a} B; base frozen" + shard,
-            "gradients",
-        ),
-        "optimizer": _figure(
-            _sharded(2 * a * trainable, ranks),
-            f"AdamW exp_avg + exp_avg_sq at {a} B each, no master copy" + shard,
-            "optimizer state",
-        ),
-        "activations_no_checkpointing": _figure(
-            acts["plain"],
-            f"saved for backward, {s.batch_size} x {s.seq_len} tokens per rank, all layers",
-            "activations, no checkpointing",
-        ),
-        "activations_checkpointing": _figure(
-            acts["checkpointed"],
-            f"each layer's input {d} N H + final norm, log-probs 4 N V, labels, RoPE",
-            "activations, checkpointing",
-        ),
-        "activations": _figure(activations, f"the step as set: {ckpt} gradient checkpointing", "activations"),
-        "transient_loss": _figure(
-            loss_peak, "two fp32 [N, V] gradients in the log-softmax backward, 8 N V", "transient: logits and loss"
-        ),
-        "transient_layer": _figure(
-            layer_peak,
-            "one layer's backward: expert-path gradients d S (3I + H)"
-            + (" + its recomputed activations" if recompute else "")
-            + (" + the largest weight dequantized" if dequantized else ""),
-            "transient: one layer's backward",
-        ),
-        "transient_dequantized": _figure(
-            dequantized, f"largest quantized weight at {d} B (part of the layer term)", "of which: dequantized weight"
-        ),
-        "fsdp_gathered": _figure(
-            gathered,
-            "root unit (embeddings, lm_head, norm) + the largest decoder layer's sharded parameters, gathered",
-            "FSDP gathered parameters",
-        ),
-    }
+    terms = step_terms(model, plan, shares, s)
+    figures = {**persistent_figures(terms, s), **step_figures(terms, s)}
     persistent = sum(figures[key]["value"] for key in ("weights", "adapters", "gradients", "optimizer"))
-    peak = persistent + activations + max(loss_peak, layer_peak) + gathered
+    activations = figures["activations"]["value"]
+    peak = persistent + activations + max(terms.loss_peak, terms.layer_peak) + terms.gathered
     figures["total"] = _figure(
         peak,
         "weights + adapters + gradients + optimizer + activations + the larger transient + FSDP gathered",
@@ -468,11 +403,147 @@ def memory_report(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: 
     return {"settings": asdict(s), "figures": figures, "notes": memory_notes(s)}
 
 
+def step_terms(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: MemorySettings) -> StepTerms:
+    """Count every term of the step: stored weights, adapters, activations, transients, FSDP gathering."""
+    quantized = quantized_tensor_ids(model, s)
+    sites = adapter_sites(model, plan)
+    held, trainable = adapter_elements(sites)
+    mask_bytes = trainable if plan.lori is not None else 0
+    weights = weight_bytes(model, s, quantized)
+    replicated = replicated_bytes(model, s, quantized)
+    acts = activation_bytes(model, plan, shares, s)
+    loss_peak, layer_peak, dequantized, recompute = transient_bytes(model, s, quantized, acts)
+    return StepTerms(
+        weights=weights,
+        replicated=replicated,
+        adapters=DTYPE_BYTES[s.adapter_dtype] * held + mask_bytes + adapter_buffer_bytes(plan, sites),
+        held=held,
+        trainable=trainable,
+        acts=acts,
+        loss_peak=loss_peak,
+        layer_peak=layer_peak,
+        dequantized=dequantized,
+        recompute=recompute,
+        gathered=fsdp_gathered_bytes(model, s, quantized, weights - replicated),
+    )
+
+
+def transient_bytes(model: nn.Module, s: MemorySettings, quantized: set[int], acts: dict) -> tuple[int, int, int, int]:
+    """(loss, one layer's backward, of which the dequantized weight, of which the recomputed activations).
+
+    The loss: two fp32 [N, V] gradients in the log-softmax backward. One layer's backward: its
+    expert-path gradients d S (2I + I + H), the recomputed layer with checkpointing, the largest
+    weight dequantized with nf4.
+    """
+    arch = architecture_for(model)
+    d = DTYPE_BYTES[s.dtype]
+    w = attention_widths(model)
+    rows = s.tokens * arch.top_k(model.config)
+    moe_layers = arch.moe_layers(model)
+    expert_grads = 0
+    if moe_layers:
+        shapes = arch.expert_shapes(moe_layers[0].experts)
+        expert_grads = d * rows * (sum(expert_widths(shapes)) + w.hidden)
+    dequantized = d * largest_quantized_tensor(model, quantized)
+    recompute = acts["largest_layer"] if s.gradient_checkpointing else 0
+    loss_peak = 8 * s.tokens * w.vocab
+    return loss_peak, expert_grads + recompute + dequantized, dequantized, recompute
+
+
+def fsdp_gathered_bytes(model: nn.Module, s: MemorySettings, quantized: set[int], sharded_total: int) -> int:
+    """FSDP: the root unit (all sharded bytes outside the decoder layers) stays gathered, plus the
+    largest decoder layer's sharded parameters; 0 on one rank. `sharded_total`: the model's sharded bytes."""
+    if s.fsdp <= 1:
+        return 0
+    layers = architecture_for(model).decoder_layers(model)
+    sharded = [weight_bytes(layer, s, quantized) - replicated_bytes(layer, s, quantized) for layer in layers]
+    return sharded_total - sum(sharded) + max(sharded)  # the root unit + the largest layer
+
+
+def persistent_figures(t: StepTerms, s: MemorySettings) -> dict:
+    """Weights, adapters, gradients and optimizer state per rank, with how each is counted."""
+    d, a, ranks = DTYPE_BYTES[s.dtype], DTYPE_BYTES[s.adapter_dtype], s.fsdp
+    quant = {
+        "none": f"{d} B/param",
+        "nf4": "NF4: ceil(n/2) + 4 ceil(n/64) B per quantized weight",
+        "nf4-dq": "NF4 + double quant: ceil(n/2) + ceil(n/64) + 4 ceil(n/16384) + 4 B per quantized weight",
+    }
+    shard = f" / {ranks} ranks" if ranks > 1 else ""
+    return {
+        "weights": _figure(
+            _sharded(t.weights - t.replicated, ranks) + t.replicated,
+            quant[s.quantization]
+            + f"; embeddings, lm_head, norms at {d} B"
+            + shard
+            + (
+                " (NF4 storage whole on every rank: FSDP2 shards parameters, not buffers)"
+                if t.replicated and shard
+                else ""
+            ),
+            "base weights",
+        ),
+        "adapters": _figure(
+            _sharded(t.adapters, ranks),
+            f"{t.held:,} adapter elements x {a} B (+ LoRI masks 1 B, expert maps int64)" + shard,
+            "adapter tensors",
+        ),
+        "gradients": _figure(
+            _sharded(a * t.trainable, ranks),
+            f"{t.trainable:,} trainable elements x {a} B; base frozen" + shard,
+            "gradients",
+        ),
+        "optimizer": _figure(
+            _sharded(2 * a * t.trainable, ranks),
+            f"AdamW exp_avg + exp_avg_sq at {a} B each, no master copy" + shard,
+            "optimizer state",
+        ),
+    }
+
+
+def step_figures(t: StepTerms, s: MemorySettings) -> dict:
+    """Activations (both settings and the one in use), the transients and FSDP's gathered parameters."""
+    d = DTYPE_BYTES[s.dtype]
+    ckpt = "with" if s.gradient_checkpointing else "without"
+    activations = t.acts["checkpointed"] if s.gradient_checkpointing else t.acts["plain"]
+    return {
+        "activations_no_checkpointing": _figure(
+            t.acts["plain"],
+            f"saved for backward, {s.batch_size} x {s.seq_len} tokens per rank, all layers",
+            "activations, no checkpointing",
+        ),
+        "activations_checkpointing": _figure(
+            t.acts["checkpointed"],
+            f"each layer's input {d} N H + final norm, log-probs 4 N V, labels, RoPE",
+            "activations, checkpointing",
+        ),
+        "activations": _figure(activations, f"the step as set: {ckpt} gradient checkpointing", "activations"),
+        "transient_loss": _figure(
+            t.loss_peak, "two fp32 [N, V] gradients in the log-softmax backward, 8 N V", "transient: logits and loss"
+        ),
+        "transient_layer": _figure(
+            t.layer_peak,
+            "one layer's backward: expert-path gradients d S (3I + H)"
+            + (" + its recomputed activations" if t.recompute else "")
+            + (" + the largest weight dequantized" if t.dequantized else ""),
+            "transient: one layer's backward",
+        ),
+        "transient_dequantized": _figure(
+            t.dequantized, f"largest quantized weight at {d} B (part of the layer term)", "of which: dequantized weight"
+        ),
+        "fsdp_gathered": _figure(
+            t.gathered,
+            "root unit (embeddings, lm_head, norm) + the largest decoder layer's sharded parameters, gathered",
+            "FSDP gathered parameters",
+        ),
+    }
+
+
 def memory_notes(s: MemorySettings) -> list[str]:
     notes = ["Not counted: the CUDA context and library workspaces (about 0.5-1 GiB) and allocator fragmentation."]
     if s.quantization != "none":
         notes.append(
-            "NF4 covers every 2D+ weight but the embeddings and lm_head, fused experts included; "
+            "NF4 covers the attention, router, shared-expert and fused expert weights of MoE layers (what "
+            "hellora_pl.quant replaces); "
             "dequantizing a whole fused experts tensor at once is the transient counted."
         )
     if s.fsdp > 1:

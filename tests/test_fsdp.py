@@ -117,7 +117,7 @@ def test_two_process_fsdp_on_a_4bit_base_keeps_nf4_whole_and_shards_the_rest(tmp
 
     pytest.importorskip("bitsandbytes")
     from hellora_pl.loading import load_backbone
-    from hellora_pl.memory import MemorySettings, _kept_16bit, replicated_bytes, weight_bytes
+    from hellora_pl.memory import MemorySettings, quantized_tensor_ids, replicated_bytes, weight_bytes
 
     _fit(str(tmp_path / "one"), 3, None, devices=1, quantization="nf4")
     single_plan = AdapterPlan.read(tmp_path / "one" / "run" / "version_0" / "hellora" / "plan.json")
@@ -136,9 +136,9 @@ def test_two_process_fsdp_on_a_4bit_base_keeps_nf4_whole_and_shards_the_rest(tmp
     config.quantization = None
     dense_model = load_backbone(config)  # the 16-bit model the estimate reads
     settings = MemorySettings(dtype="bfloat16", quantization="nf4", fsdp=2)
-    kept = _kept_16bit(dense_model)
-    replicated = replicated_bytes(dense_model, settings, kept)
-    predicted_dense = weight_bytes(dense_model, settings, kept) - replicated
+    quantized = quantized_tensor_ids(dense_model, settings)
+    replicated = replicated_bytes(dense_model, settings, quantized)
+    predicted_dense = weight_bytes(dense_model, settings, quantized) - replicated
     assert replicated == single["nf4"]  # the NF4 code book is shared, not stored per tensor
     assert predicted_dense == single["dense"]
 

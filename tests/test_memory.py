@@ -13,15 +13,15 @@ import torch
 from conftest import REPO
 from hellora_pl.adapters import DynamicRankSpec, LoRISpec, build_plan, inject_adapters
 from hellora_pl.backbones import BackboneConfig
-from hellora_pl.loading import load_backbone
 from hellora_pl.backbones.tiny import TINY_CONFIGS
 from hellora_pl.budget import main, selection_shares, uniform_profile
+from hellora_pl.loading import load_backbone
 from hellora_pl.memory import (
     MemorySettings,
-    _kept_16bit,
     activation_bytes,
     memory_report,
     nf4_bytes,
+    quantized_tensor_ids,
     replicated_bytes,
     weight_bytes,
 )
@@ -156,7 +156,7 @@ def test_fsdp_does_not_shard_nf4_storage():
     quantized = dict(batch_size=B, seq_len=T, dtype="bfloat16", quantization="nf4")
     one = values(memory_report(model, plan, shares, MemorySettings(**quantized)))
     two = values(memory_report(model, plan, shares, MemorySettings(**quantized, fsdp=2)))
-    nf4 = replicated_bytes(model, MemorySettings(**quantized), _kept_16bit(model))
+    nf4 = replicated_bytes(model, MemorySettings(**quantized), quantized_tensor_ids(model, MemorySettings(**quantized)))
     assert 0 < nf4 < one["weights"]
     assert two["weights"] == nf4 + (one["weights"] - nf4 + 1) // 2
     assert two["adapters"] == (one["adapters"] + 1) // 2
@@ -189,9 +189,28 @@ def test_nf4_formula_equals_what_a_quantized_tiny_model_stores(quantization):
     )
     held = nbytes(model.parameters()) + sum(w.nbytes() for w in stored)  # the rest stays bf16
     settings = MemorySettings(batch_size=B, seq_len=T, quantization=quantization)
-    assert weight_bytes(dense, settings, _kept_16bit(dense)) == held
+    assert weight_bytes(dense, settings, quantized_tensor_ids(dense, settings)) == held
     if quantization == "nf4":
         assert base_figures(dense)["bytes_nf4"] == held  # the budget's 4-bit figure, no double quant
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_nf4_estimate_counts_only_what_quant_replaces(family):
+    """Dense layers' MLPs (DeepSeek's first layer) and small gates (Qwen2-MoE's shared_expert_gate) stay
+    16-bit in a 4-bit model; the estimate and the budget count exactly the tensors quantize_model replaces."""
+    pytest.importorskip("bitsandbytes")
+    from hellora_pl.budget import base_figures
+    from hellora_pl.quant import NF4Weight, quantize_model
+
+    dense = tiny_model(family)
+    model = tiny_model(family)
+    quantize_model(model, "nf4")
+    stored = [m for m in model.modules() if isinstance(m, NF4Weight)]
+    held = nbytes(model.parameters()) + sum(w.nbytes() for w in stored)
+    assert any(p.dim() >= 2 for p in model.parameters() if p is not model.get_input_embeddings().weight)
+    settings = MemorySettings(batch_size=B, seq_len=T, quantization="nf4")
+    assert weight_bytes(dense, settings, quantized_tensor_ids(dense, settings)) == held
+    assert base_figures(dense)["bytes_nf4"] == held
 
 
 def memory_json(capsys, *args: str) -> dict:

@@ -180,24 +180,7 @@ def test_injection_counts_flops_memory_merge_and_export_agree_with_the_sites(fam
             assert differs.nonzero().flatten().tolist() == rows
 
 
-MEMORY_CASES = [
-    pytest.param(
-        family,
-        method,
-        id=f"{family}-{method}",
-        marks=pytest.mark.xfail(
-            family == "deepseek_moe",
-            raises=KeyError,
-            strict=True,
-            reason="memory_report's activation terms read fused projections (gate_up_proj), which ModuleList "
-            "experts lack; known, to fix in hellora_pl/memory.py",
-        ),
-    )
-    for family, method in CASES
-]
-
-
-@pytest.mark.parametrize("family, method", MEMORY_CASES)
+@pytest.mark.parametrize("family, method", CASES)
 def test_memory_estimate_of_adapters_is_what_injection_allocates(family, method):
     """The estimate's adapter bytes (float32 adapters) are the bytes of every adapter tensor held."""
     _, model, plan, _, profile, _ = adapted(family, method)

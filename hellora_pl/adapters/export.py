@@ -33,6 +33,7 @@ both on the same model (results in benchmarks/results/train_throughput_*.md).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -104,6 +105,20 @@ def _expert_rank_in_use(adapter: ExpertLoRA) -> int:
     return int(adapter.lora_active_rank.max())
 
 
+@dataclass
+class _CollectedAdapters:
+    """The injected adapters, by PEFT target kind, as `export_peft` gathers them from the sites.
+
+    linears: module name -> (A [r, in], scaled B [out, r]); routers: router module name -> (A, scaled B);
+    fused: experts module name -> the layer's adapter; ranks: the rank in use of each adapter.
+    """
+
+    linears: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    routers: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    fused: dict[str, ExpertLoRA] = field(default_factory=dict)
+    ranks: list[int] = field(default_factory=list)
+
+
 def export_peft(
     model: nn.Module,
     plan: AdapterPlan,
@@ -119,77 +134,101 @@ def export_peft(
     not exported (PEFT's parameter targets do not support it; the adapter is for inference).
     `base_model_name_or_path` defaults to the model's `name_or_path`.
     """
+    found = _checked_adapters(model, plan)
+    directory = _check_directory(directory, overwrite)
+    with torch.no_grad():
+        collected = _collect_adapters(model, found)
+        rank = max(collected.ranks)
+        tensors, target_parameters = _peft_tensors(model, collected, rank)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    config = _peft_config(base_model_name_or_path, rank, sorted(collected.linears), sorted(target_parameters))
+    _write_peft(directory, tensors, config, plan.method)
+    return directory
+
+
+def _checked_adapters(model: nn.Module, plan: AdapterPlan) -> list:
+    """The (site, adapter) pairs of `plan` in `model`, after refusing what cannot be a PEFT LoRA adapter."""
     if plan.expert_adapter == "full":
         raise ValueError(
             f"The {plan.method!r} plan holds full-rank expert deltas, which are not LoRA and cannot be "
             "exported as a PEFT LoRA adapter; use export_merged(model, directory) to save a merged checkpoint."
         )
-    arch = architecture_for(model)
     sites = adapter_sites(model, plan)  # checks the plan's architecture and modules against the model
     if not is_injected(model):
         raise ValueError("The model holds no hellora adapters; inject the plan (and load its weights) before export.")
-    found = adapters_at_sites(model, sites)  # and the injected adapters against the plan's sites
-    directory = _check_directory(directory, overwrite)
+    return adapters_at_sites(model, sites)  # and the injected adapters against the plan's sites
 
-    linears: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module name -> (A [r, in], scaled B [out, r])
-    routers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # router module name -> (A, scaled B)
-    fused: dict[str, ExpertLoRA] = {}  # experts module name -> the layer's adapter
-    ranks: list[int] = []
-    with torch.no_grad():
-        for site, adapter in found:
-            if site.kind == "router":
-                routers[site.module] = (adapter.lora_A.detach(), (adapter.scale * adapter.effective_B()).detach())
-                ranks.append(adapter.rank)
-            elif site.kind != "routed_expert":  # attention and shared-expert linears
-                linears[site.path] = (adapter.lora_A.detach(), (adapter.scale * adapter.effective_B()).detach())
-                ranks.append(adapter.rank)
-            elif arch.fused:  # [E, out, in] parameters: one PEFT target parameter per projection
-                if getattr(model.get_submodule(site.module), "is_transposed", False):
-                    raise NotImplementedError(
-                        f"{site.module} stores experts as [E, in, out] (is_transposed); export supports [E, out, in]."
-                    )
-                fused[site.module] = adapter
-                ranks.append(_expert_rank_in_use(adapter))
-            else:  # nn.ModuleList: each hot expert's nn.Linear, by full name
-                for slot, expert in enumerate(site.experts):
-                    b = (adapter.scale * adapter.effective_B(site.name)[slot]).detach()
-                    linears[f"{site.module}.{expert}.{site.name}"] = (adapter.lora_A[site.name][slot].detach(), b)
-                ranks.append(_expert_rank_in_use(adapter))
 
-        rank = max(ranks)
-        tensors: dict[str, torch.Tensor] = {}
-        target_parameters: list[str] = []
+def _collect_adapters(model: nn.Module, found: list) -> _CollectedAdapters:
+    """Each site's A and scaled B_eff (linears, routers) or its fused experts adapter, in site order."""
+    fused_layout = architecture_for(model).fused
+    collected = _CollectedAdapters()
+    for site, adapter in found:
+        if site.kind == "router":
+            collected.routers[site.module] = (adapter.lora_A.detach(), (adapter.scale * adapter.effective_B()).detach())
+            collected.ranks.append(adapter.rank)
+        elif site.kind != "routed_expert":  # attention and shared-expert linears
+            collected.linears[site.path] = (adapter.lora_A.detach(), (adapter.scale * adapter.effective_B()).detach())
+            collected.ranks.append(adapter.rank)
+        elif fused_layout:  # [E, out, in] parameters: one PEFT target parameter per projection
+            if getattr(model.get_submodule(site.module), "is_transposed", False):
+                raise NotImplementedError(
+                    f"{site.module} stores experts as [E, in, out] (is_transposed); export supports [E, out, in]."
+                )
+            collected.fused[site.module] = adapter
+            collected.ranks.append(_expert_rank_in_use(adapter))
+        else:  # nn.ModuleList: each hot expert's nn.Linear, by full name
+            for slot, expert in enumerate(site.experts):
+                b = (adapter.scale * adapter.effective_B(site.name)[slot]).detach()
+                collected.linears[f"{site.module}.{expert}.{site.name}"] = (adapter.lora_A[site.name][slot].detach(), b)
+            collected.ranks.append(_expert_rank_in_use(adapter))
+    return collected
 
-        def put(module_path: str, a: torch.Tensor, b: torch.Tensor) -> None:
-            tensors[f"{_PEFT_PREFIX}{module_path}.lora_A.weight"] = a.to("cpu").contiguous()
-            tensors[f"{_PEFT_PREFIX}{module_path}.lora_B.weight"] = b.to("cpu").contiguous()
 
-        for module_name, (a, b) in linears.items():
-            put(module_name, *_pad_lora(a, b, rank))
-        for router_name, (a, b) in routers.items():
-            put(router_name, *_pad_lora(a, b, rank))
-            target_parameters.append(f"{router_name}.weight")
-        for experts_name, adapter in fused.items():
-            # PEFT wraps the targeted parameters in the order the module registers them, each wrapper
-            # around the previous one: the first registered is the innermost base_layer.
-            registered = [p for p, _ in model.get_submodule(experts_name).named_parameters(recurse=False)]
-            order = [p for p in registered if p in adapter.projections]
-            missing = sorted(set(adapter.projections) - set(order))
-            if missing:
-                raise ValueError(f"{experts_name} has no parameters {missing} to export.")
-            for depth, proj in enumerate(order):
-                put(experts_name + ".base_layer" * (len(order) - 1 - depth), *_fused_lora(adapter, proj, rank))
-                target_parameters.append(f"{experts_name}.{proj}")
+def _peft_tensors(
+    model: nn.Module, collected: _CollectedAdapters, rank: int
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """PEFT's state dict at one rank `rank` (linears, then routers, then fused experts) and its target parameters."""
+    tensors: dict[str, torch.Tensor] = {}
+    target_parameters: list[str] = []
 
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(
-        tensors,
-        str(directory / PEFT_WEIGHTS_FILE),
-        metadata={"format": "pt", "exported_by": "hellora_pl", "method": plan.method},
-    )
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(model, "name_or_path", None) or None
-    config = {
+    def put(module_path: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        tensors[f"{_PEFT_PREFIX}{module_path}.lora_A.weight"] = a.to("cpu").contiguous()
+        tensors[f"{_PEFT_PREFIX}{module_path}.lora_B.weight"] = b.to("cpu").contiguous()
+
+    for module_name, (a, b) in collected.linears.items():
+        put(module_name, *_pad_lora(a, b, rank))
+    for router_name, (a, b) in collected.routers.items():
+        put(router_name, *_pad_lora(a, b, rank))
+        target_parameters.append(f"{router_name}.weight")
+    for experts_name, adapter in collected.fused.items():
+        order = _fused_nesting_order(model, experts_name, adapter)
+        for depth, proj in enumerate(order):
+            put(experts_name + ".base_layer" * (len(order) - 1 - depth), *_fused_lora(adapter, proj, rank))
+            target_parameters.append(f"{experts_name}.{proj}")
+    return tensors, target_parameters
+
+
+def _fused_nesting_order(model: nn.Module, experts_name: str, adapter: ExpertLoRA) -> list[str]:
+    """The adapted projections of a fused experts module, innermost PEFT wrapper first.
+
+    PEFT wraps the targeted parameters in the order the module registers them, each wrapper
+    around the previous one: the first registered is the innermost base_layer.
+    """
+    registered = [p for p, _ in model.get_submodule(experts_name).named_parameters(recurse=False)]
+    order = [p for p in registered if p in adapter.projections]
+    missing = sorted(set(adapter.projections) - set(order))
+    if missing:
+        raise ValueError(f"{experts_name} has no parameters {missing} to export.")
+    return order
+
+
+def _peft_config(
+    base_model_name_or_path: str | None, rank: int, target_modules: list[str], target_parameters: list[str]
+) -> dict:
+    """adapter_config.json: LoRA at rank R with lora_alpha = R (scaling 1: our scales are folded into B)."""
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
@@ -201,12 +240,21 @@ def export_peft(
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "target_modules": sorted(linears),
-        "target_parameters": sorted(target_parameters),
+        "target_modules": target_modules,
+        "target_parameters": target_parameters,
         "modules_to_save": None,
     }
+
+
+def _write_peft(directory: Path, tensors: dict[str, torch.Tensor], config: dict, method: str) -> None:
+    """Write adapter_model.safetensors and adapter_config.json into `directory` (created if need be)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(
+        tensors,
+        str(directory / PEFT_WEIGHTS_FILE),
+        metadata={"format": "pt", "exported_by": "hellora_pl", "method": method},
+    )
     (directory / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return directory
 
 
 def export_merged(

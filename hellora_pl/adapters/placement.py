@@ -39,53 +39,22 @@ def build_plan(
     per adapted expert. The specs are copied into the plan.
     """
     arch = architecture_for(model)
-    moe_layers = arch.moe_layers(model)
-    num_experts, top_k = arch.num_experts(model.config), arch.top_k(model.config)
     expert_modules = list(arch.expert_projections if expert_modules is None else expert_modules)
     if shared_expert_modules is None:
         shared_expert_modules = arch.shared_expert_projections if arch.shared_experts else []
-    if profile is None:
-        if policy.needs_profile and expert_modules:
-            raise ValueError(
-                f"The {policy.name!r} hot-expert policy needs a routing profile: add RoutingProfilerCallback "
-                "or give a saved profile."
-            )
-        hot = AllExperts().select_all(len(moe_layers), num_experts)
-        layers = [LayerPlan(moe.index, experts) for moe, experts in zip(moe_layers, hot)]
-    else:
-        if profile.layers != [moe.index for moe in moe_layers] or profile.num_experts != num_experts:
-            raise ValueError(
-                f"The routing profile covers layers {profile.layers} x {profile.num_experts} experts, but the "
-                f"model has MoE layers {[m.index for m in moe_layers]} x {num_experts} experts; profile this model."
-            )
-        hot = policy.select(profile)
-        layers = [
-            LayerPlan(index, experts, profile.counts[i].tolist(), [round(float(g), 6) for g in profile.gate_mass[i]])
-            for i, (index, experts) in enumerate(zip(profile.layers, hot))
-        ]
+    layers = _hot_expert_layers(model, policy, profile, needs_experts=bool(expert_modules))
     if not expert_modules:
         for layer in layers:
             layer.hot_experts = []
     if method is None:
         method = "attention_only" if not expert_modules else "lora" if isinstance(policy, AllExperts) else "hellora"
-    expert_rank = None
     if dynamic_rank is not None:
-        dynamic_rank = dataclasses.replace(dynamic_rank)
-        expert_rank = dynamic_rank.rank_max
-        adapted = sum(len(layer.hot_experts) for layer in layers)
-        dynamic_rank.budget = adapted * rank
-        if adapted * dynamic_rank.rank_init > dynamic_rank.budget:
-            raise ValueError(
-                f"DR-LoRA rank_init={dynamic_rank.rank_init} exceeds the budget of a uniform rank {rank}; "
-                f"choose rank_init <= {rank}."
-            )
-        for layer in layers:
-            layer.expert_ranks = [dynamic_rank.rank_init] * len(layer.hot_experts)
+        dynamic_rank = _dynamic_rank_budget(dynamic_rank, layers, rank)
     plan = AdapterPlan(
         method=method,
         architecture=arch.name,
-        num_experts=num_experts,
-        top_k=top_k,
+        num_experts=arch.num_experts(model.config),
+        top_k=arch.top_k(model.config),
         policy=policy.describe(),
         rank=rank,
         alpha=alpha,
@@ -98,7 +67,7 @@ def build_plan(
         expert_modules=expert_modules,
         shared_expert_modules=list(shared_expert_modules),
         expert_adapter=expert_adapter,
-        expert_rank=expert_rank,
+        expert_rank=None if dynamic_rank is None else dynamic_rank.rank_max,
         lori=None if lori is None else dataclasses.replace(lori),
         dynamic_rank=dynamic_rank,
         layers=layers,
@@ -107,3 +76,47 @@ def build_plan(
     plan.trainable_params = count_plan_params(model, plan)
     plan.lora_all_experts_params = count_lora_baseline_params(model, rank)
     return plan
+
+
+def _hot_expert_layers(
+    model: nn.Module, policy: HotExpertPolicy, profile: RoutingProfile | None, needs_experts: bool
+) -> list[LayerPlan]:
+    """One LayerPlan per MoE layer: the policy's hot experts from `profile` (with its counts and gate
+    mass), or every expert without a profile (refused when the policy needs one and experts are adapted)."""
+    arch = architecture_for(model)
+    moe_layers = arch.moe_layers(model)
+    num_experts = arch.num_experts(model.config)
+    if profile is None:
+        if policy.needs_profile and needs_experts:
+            raise ValueError(
+                f"The {policy.name!r} hot-expert policy needs a routing profile: add RoutingProfilerCallback "
+                "or give a saved profile."
+            )
+        hot = AllExperts().select_all(len(moe_layers), num_experts)
+        return [LayerPlan(moe.index, experts) for moe, experts in zip(moe_layers, hot)]
+    if profile.layers != [moe.index for moe in moe_layers] or profile.num_experts != num_experts:
+        raise ValueError(
+            f"The routing profile covers layers {profile.layers} x {profile.num_experts} experts, but the "
+            f"model has MoE layers {[m.index for m in moe_layers]} x {num_experts} experts; profile this model."
+        )
+    hot = policy.select(profile)
+    return [
+        LayerPlan(index, experts, profile.counts[i].tolist(), [round(float(g), 6) for g in profile.gate_mass[i]])
+        for i, (index, experts) in enumerate(zip(profile.layers, hot))
+    ]
+
+
+def _dynamic_rank_budget(spec: DynamicRankSpec, layers: list[LayerPlan], rank: int) -> DynamicRankSpec:
+    """DR-LoRA: a copy of `spec` with the budget of a uniform `rank` per adapted expert; every adapted
+    expert of `layers` starts at rank_init (set in place)."""
+    spec = dataclasses.replace(spec)
+    adapted = sum(len(layer.hot_experts) for layer in layers)
+    spec.budget = adapted * rank
+    if adapted * spec.rank_init > spec.budget:
+        raise ValueError(
+            f"DR-LoRA rank_init={spec.rank_init} exceeds the budget of a uniform rank {rank}; "
+            f"choose rank_init <= {rank}."
+        )
+    for layer in layers:
+        layer.expert_ranks = [spec.rank_init] * len(layer.hot_experts)
+    return spec

@@ -17,7 +17,7 @@ from ..adapters.sites import (
     with_expert_rank,
 )
 from ..backbones import architecture_for
-from ..quant.nf4 import nf4_bytes
+from ..memory import MemorySettings, quantized_tensor_ids, weight_bytes
 
 
 def base_figures(model: nn.Module) -> dict:
@@ -28,14 +28,12 @@ def base_figures(model: nn.Module) -> dict:
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     head = output.weight if output is not None else None
-    kept_16bit = {id(embedding)} | ({id(head)} if head is not None else set())
-    total = active = bytes_nf4 = 0
+    total = active = 0
     for param in model.parameters():  # each tensor once, tied ones included
         n = param.numel()
         total += n
         if param is not embedding:
             active += n * top_k / num_experts if id(param) in routed else n
-        bytes_nf4 += nf4_bytes(n) if param.dim() >= 2 and id(param) not in kept_16bit else 2 * n
     if head is not None and head is embedding:  # tied: the lm_head matmul still runs
         active += head.numel()
     active = round(active)
@@ -44,8 +42,18 @@ def base_figures(model: nn.Module) -> dict:
         "active_params": active,
         "forward_flops": 2 * active,
         "bytes_16bit": 2 * total,
-        "bytes_nf4": bytes_nf4,
+        "bytes_nf4": nf4_weight_bytes(model),
     }
+
+
+def nf4_weight_bytes(model: nn.Module) -> int | None:
+    """Base weight bytes with hellora_pl.quant's NF4 storage at a 16-bit compute dtype (the memory
+    estimate's rule), or None where 4-bit storage does not handle the model's expert layout."""
+    settings = MemorySettings(dtype="bfloat16", quantization="nf4")
+    try:
+        return weight_bytes(model, settings, quantized_tensor_ids(model, settings))
+    except NotImplementedError:
+        return None
 
 
 # Per site kind: what the rank error calls the matrix, and the flag that sets its rank.

@@ -108,7 +108,7 @@ def flop_figures(plan: AdapterPlan, counts: dict, rank: int) -> dict:
 def comparison_figures(counts: dict, base: dict) -> dict:
     """Adapter FLOPs against LoRA-on-all and the frozen base, and the base model's own figures."""
     flops, all_flops = counts["flops"], counts["lora_all_flops"]
-    return {
+    figures = {
         "lora_all_adapter_flops": figure(
             all_flops, "FLOPs/token", "LoRA-on-all; its expert term is top_k x FLOPs per selection",
             "LoRA-on-all adapter FLOPs",
@@ -139,10 +139,14 @@ def comparison_figures(counts: dict, base: dict) -> dict:
         ),
         "base_weight_bytes_nf4": figure(
             base["bytes_nf4"], "bytes",
-            "NF4: 0.5 B/weight + fp32 absmax per 64 (0.5625 B) for 2D+ weights; embeddings, lm_head, norms 16-bit",
+            "NF4: 0.5 B/weight + fp32 absmax per 64 (0.5625 B) for the weights hellora_pl.quant stores in 4 bits "
+            "(attention, routers, shared and routed experts); embeddings, lm_head, norms, dense MLPs 16-bit",
             "base weights at 4 bits (NF4)",
         ),
     }  # fmt: skip
+    if base["bytes_nf4"] is None:  # a layout 4-bit storage does not handle (ModuleList experts)
+        del figures["base_weight_bytes_nf4"]
+    return figures
 
 
 def notes(plan: AdapterPlan, counts: dict, rank: int, hot_k_given: int | None, profiled: bool, router: dict) -> list:

@@ -83,6 +83,12 @@ def quantization_targets(model: nn.Module) -> list[QuantTarget]:
     return targets
 
 
+def quantized_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The base tensors 4-bit storage replaces (`quantization_targets`), as parameters of `model`;
+    the one rule the memory estimate and the budget count NF4 bytes by (meta models too)."""
+    return [model.get_parameter(target.name) for target in quantization_targets(model)]
+
+
 def quantize_model(
     model: nn.Module,
     quantization: str | None,
