@@ -31,6 +31,7 @@ from torch import nn
 from ..backbones import architecture_for
 from .linear import LoRALinear
 from .plan import AdapterPlan, LayerPlan
+from .router import router_lora
 
 SiteKind = Literal["attention", "router", "shared_expert", "routed_expert"]
 TOKEN_KINDS = ("attention", "router", "shared_expert")
@@ -104,7 +105,7 @@ def adapter_sites(model: nn.Module, plan: AdapterPlan) -> list[AdapterSite]:
         raise ValueError(f"The plan names MoE layers {unknown} that this model does not have.")
     for index, moe in moe_layers.items():
         if plan.router_rank is not None:
-            shape = tuple(moe.router.weight.shape)
+            shape = _router_shape(moe.router)
             where = f"layer {index} router"
             sites.append(
                 AdapterSite(
@@ -139,7 +140,16 @@ def _linear_shape(parent: nn.Module, name: str, where: str) -> tuple[int, int]:
         base = base.base_layer
     if not isinstance(base, nn.Linear):
         raise ValueError(f"{where} has no nn.Linear {name!r} to adapt; check the plan's module names.")
-    return tuple(base.weight.shape)
+    return (base.out_features, base.in_features)  # not .weight: a 4-bit linear would dequantize it
+
+
+def _router_shape(router: nn.Module) -> tuple[int, int]:
+    """(E, H) of a router's weight; with a router LoRA attached, read off it rather than by running the
+    weight's parametrizations (4-bit dequantization, and under FSDP sharded inputs)."""
+    lora = router_lora(router)
+    if lora is not None:
+        return (lora.lora_B.shape[0], lora.lora_A.shape[1])
+    return tuple(router.weight.shape)
 
 
 def _routed_sites(arch, moe, layer_plan: LayerPlan, plan: AdapterPlan, names, lora: str) -> list[AdapterSite]:
