@@ -27,6 +27,7 @@ from ..adapters.io import (
     load_checkpoint_metadata,
     write_adapter,
 )
+from ..adapters.liveness import check_liveness
 from ..adapters.methods import MethodName, PlanSettings, method_defaults, resolve_method
 from ..backbones import architecture_for
 from ..kernels.dispatch import IMPLEMENTATIONS, ExpertKernel
@@ -61,6 +62,13 @@ class HotExpertInjectionCallback(Callback):
     `expert_kernel` picks the adapted expert path of fused experts: "auto" (Triton for CUDA
     tensors when Triton is installed, the torch reference otherwise), "triton" (an error where
     it cannot run) or "torch".
+
+    `liveness` (on by default): on the first training batch of every fit, before the optimizer's
+    first step, one probe forward and backward proves every adapter gets a gradient and changes the
+    output, and that with B = 0 the model computes what its own eager experts path does
+    (`hellora_pl.adapters.liveness`); a dead site stops the fit naming it. It runs under
+    fast_dev_run too (a dry run is where a dead adapter should show) and on every rank of a
+    distributed run. Switching it off warns.
     """
 
     consumes_routing_profile = True  # RoutingProfilerCallback leaves profiling to this callback's setup
@@ -84,6 +92,7 @@ class HotExpertInjectionCallback(Callback):
         checkpoint_adapters_only: bool = True,
         model_attribute: str = "model",
         expert_kernel: ExpertKernel = "auto",
+        liveness: bool = True,
     ):
         if expert_kernel not in IMPLEMENTATIONS:
             raise ValueError(f"Unknown expert_kernel {expert_kernel!r}; choose one of {', '.join(IMPLEMENTATIONS)}.")
@@ -107,6 +116,14 @@ class HotExpertInjectionCallback(Callback):
         self.model_attribute = model_attribute
         self.plan: AdapterPlan | None = None
         self._model = None  # the backbone the plan was injected into
+        self.liveness = liveness
+        self._liveness_pending = False  # set when a fit starts, cleared once the probe ran
+        if not liveness:
+            rank_zero_warn(
+                "[hellora] liveness=false: the probe that proves every adapter trains is off, so an adapter the "
+                "model's forward never reaches would stay frozen while counted as trainable. Keep it on unless "
+                "a run of the same setup passed it."
+            )
 
     # -- before the optimizer ------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -266,6 +283,7 @@ class HotExpertInjectionCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.plan is None:
             return
+        self._liveness_pending = self.liveness
         plan = self.plan
         log_scalars(
             trainer,
@@ -279,6 +297,24 @@ class HotExpertInjectionCallback(Callback):
         log_text(
             trainer, "hellora/plan", f"method {plan.method}, policy {plan.policy}\n\n{summary}", trainer.global_step
         )
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        """The liveness probe, once per fit, on the first batch: before the optimizer's first step."""
+        if not self._liveness_pending or self.plan is None:
+            return
+        self._liveness_pending = False
+        profiler = _find(trainer, RoutingProfilerCallback)
+        watch = getattr(profiler, "_watch", None)  # its routing counts are of training steps, not of the probe
+        armed = watch is not None and watch.armed
+        if watch is not None:
+            watch.armed = False
+        try:
+            with trainer.precision_plugin.train_step_context():  # the training step's autocast
+                report = check_liveness(self._model, batch, self.plan)
+        finally:
+            if watch is not None:
+                watch.armed = armed
+        rank_zero_info(f"[hellora] {report.summary()}")
 
     # -- saving --------------------------------------------------------------------------
     def state_dict(self) -> dict:
