@@ -21,6 +21,7 @@ from .router import RouterLoRA, attach_router_lora, router_lora
 from .sites import AdapterSite, adapter_sites
 
 INJECTED_PLAN_ATTR = "hellora_plan"
+REPLACED_EXPERTS_IMPLEMENTATION_ATTR = "hellora_replaced_experts_implementation"
 
 
 def inject_adapters(model: nn.Module, plan: AdapterPlan, expert_kernel: ExpertKernel = "auto") -> None:
@@ -28,7 +29,9 @@ def inject_adapters(model: nn.Module, plan: AdapterPlan, expert_kernel: ExpertKe
     deltas zero).
 
     Fused experts then run the adapted path with `expert_kernel`: "auto" (Triton for CUDA tensors
-    when installed, torch otherwise), "triton" or "torch".
+    when installed, torch otherwise), "triton" or "torch". Only a plan with expert adapters switches
+    the experts implementation (attention_only keeps the model's own, on any expert layout); the one it
+    replaced is recorded so that merge and remove put it back.
     """
     arch = architecture_for(model)
     if arch.name != plan.architecture:
@@ -56,8 +59,11 @@ def inject_adapters(model: nn.Module, plan: AdapterPlan, expert_kernel: ExpertKe
     for layer, group in routed.items():
         moe = moe_layers[layer]
         attach_expert_adapter(moe, _expert_adapter(arch, moe, group, plan, dtype), arch.fused)
-    if arch.fused:
+    if arch.fused and routed:
+        before = getattr(model.config, "_experts_implementation", None)
         use_adapted_experts(model, expert_kernel)
+        if model.config._experts_implementation != before:
+            model.__dict__[REPLACED_EXPERTS_IMPLEMENTATION_ATTR] = before
     model.__dict__[INJECTED_PLAN_ATTR] = plan  # the live plan (companions update it): merge reads its sites
 
 
@@ -68,6 +74,15 @@ def injected_plan(model: nn.Module) -> AdapterPlan | None:
 
 def forget_injected_plan(model: nn.Module) -> None:
     model.__dict__.pop(INJECTED_PLAN_ATTR, None)
+
+
+def replaced_experts_implementation(model: nn.Module) -> str | None:
+    """The experts implementation injection switched away from (None when it switched nothing)."""
+    return model.__dict__.get(REPLACED_EXPERTS_IMPLEMENTATION_ATTR)
+
+
+def forget_replaced_experts_implementation(model: nn.Module) -> None:
+    model.__dict__.pop(REPLACED_EXPERTS_IMPLEMENTATION_ATTR, None)
 
 
 def _expert_adapter(arch, moe, group: list[AdapterSite], plan: AdapterPlan, dtype: torch.dtype) -> ExpertAdapter:
