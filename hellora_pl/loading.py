@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .backbones import DTYPES, BackboneConfig, architecture_for, supported_model_types
+from .backbones.registry import check_model_type
 from .quant import check_quantization, quantize_model
 from .quant.loading import load_quantized
 
@@ -38,10 +39,7 @@ def load_backbone(cfg: BackboneConfig) -> PreTrainedModel:
 
 
 def _from_config(cfg: BackboneConfig, dtype: torch.dtype) -> PreTrainedModel:
-    if cfg.model_type not in supported_model_types():
-        raise ValueError(
-            f"Unknown model_type {cfg.model_type!r}; hellora_pl supports {', '.join(supported_model_types())}."
-        )
+    check_model_type(cfg.model_type)
     config = AutoConfig.for_model(cfg.model_type, **cfg.config)
     arch = architecture_for(config)
     with torch.random.fork_rng(devices=[]):
@@ -65,6 +63,7 @@ def _from_pretrained(cfg: BackboneConfig, dtype: torch.dtype, quantize: bool) ->
     config = AutoConfig.from_pretrained(
         source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **cfg.config
     )
+    check_model_type(getattr(config, "model_type", None), source)
     arch = architecture_for(config)
     kwargs = dict(
         config=config,

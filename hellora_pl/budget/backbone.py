@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..backbones import supported_model_types
+from ..backbones.registry import check_model_type
 from ..backbones.shapes import SHAPES, shape_config
 
 
@@ -73,11 +73,7 @@ def _hub_config(model: str):
 def _check_model_type(model_type, where: str) -> None:
     if model_type is None:
         raise ValueError(f"{where!r} has no model_type field; give a transformers config.json.")
-    if model_type not in supported_model_types():
-        raise ValueError(
-            f"Model type {model_type!r} (from {where}) is not supported by hellora_pl; supported: "
-            f"{', '.join(supported_model_types())}."
-        )
+    check_model_type(model_type, where)
 
 
 def one_line(exc: BaseException, limit: int | None = None) -> str:
