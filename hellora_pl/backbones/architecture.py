@@ -52,11 +52,25 @@ def _read_linear_logits(output, top_k: int, config) -> tuple[torch.Tensor, torch
     return weights, indices
 
 
+def _read_experts_input(call, top_k: int, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts' own arguments (transformers' experts interface: hidden_states, top_k_index,
+    top_k_weights), as (args, kwargs) of the experts' forward: exactly the experts the model ran,
+    whatever its router computes (softmax or sigmoid, correction bias, groups, top-k first)."""
+    args, kwargs = call
+    named = dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args))
+    named.update(kwargs)
+    return named["top_k_weights"], named["top_k_index"]
+
+
 ROUTING_READERS: dict[str, Callable] = {
     "topk_router": _read_topk_router,
     "gate_topk": _read_gate_topk,
     "linear_logits": _read_linear_logits,
+    "experts_input": _read_experts_input,
 }
+
+# The reader that hooks the experts module (a forward pre-hook) instead of the router's output.
+EXPERTS_INPUT = "experts_input"
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,9 @@ class MoEArchitecture:
     `expert_layout` is "fused" (transformers 5: `experts.<projection>` is one [E, out, in]
     tensor per projection) or "module_list" (`experts[e].<projection>` is an nn.Linear, as in
     DeepSeekMoE's remote code and transformers-4 checkpoints). `routing` names the reader in
-    ROUTING_READERS that turns the router's output into the chosen experts and their weights.
+    ROUTING_READERS that turns the router's output into the chosen experts and their weights;
+    "experts_input" reads them from the experts' arguments instead (families found by
+    `backbones.detect`, whose experts use transformers' experts interface).
     `attention_projections` lists candidates; those a model lacks (DeepSeek's q_proj vs
     q_a_proj/q_b_proj) are skipped. `aux_loss_field` is the config field of the load-balancing
     loss coefficient, or None when the model has no such loss.
@@ -97,9 +113,18 @@ class MoEArchitecture:
 
     def __post_init__(self):
         if self.expert_layout not in ("fused", "module_list"):
-            raise ValueError(f"{self.name}: expert_layout must be 'fused' or 'module_list', got {self.expert_layout!r}.")
+            raise ValueError(
+                f"{self.name}: expert_layout must be 'fused' or 'module_list', got {self.expert_layout!r}."
+            )
         if self.routing not in ROUTING_READERS:
-            raise ValueError(f"{self.name}: unknown routing {self.routing!r}; choose one of {', '.join(ROUTING_READERS)}.")
+            raise ValueError(
+                f"{self.name}: unknown routing {self.routing!r}; choose one of {', '.join(ROUTING_READERS)}."
+            )
+
+    @property
+    def reads_experts_input(self) -> bool:
+        """Routing is read from the experts' arguments (a pre-hook on `experts`), not the router's output."""
+        return self.routing == EXPERTS_INPUT
 
     @property
     def fused(self) -> bool:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
+
+from torch import nn
+
 from .architecture import MoEArchitecture
+from .detect import DetectionRefused, detect_architecture
 
 ARCHITECTURES: dict[str, MoEArchitecture] = {}
 
@@ -19,16 +24,22 @@ def register_architecture(arch: MoEArchitecture) -> MoEArchitecture:
 
 
 def supported_model_types() -> list[str]:
+    """The explicitly described model types. A model of another type whose experts use transformers'
+    experts interface in the plain layout is also handled, detected from the built model
+    (`architecture_for(model)`); it is not listed here (detection needs the model, not its name)."""
     return sorted(ARCHITECTURES)
 
 
-def unsupported_model_type_message(model_type, source: str | None = None) -> str:
+def unsupported_model_type_message(model_type, source: str | None = None, detection: str | None = None) -> str:
     """Why a model type cannot be used and how to describe it: the one message of every load path
-    (Python API, CLI, budget)."""
+    (Python API, CLI, budget). `detection` says why detecting it from the built model failed."""
     where = f" (from {source})" if source else ""
+    found = f"Detection from the model refused it: {detection}.\n" if detection else ""
     return (
-        f"Unknown model_type {model_type!r}{where}; hellora_pl supports {', '.join(supported_model_types())}. "
+        f"Unknown model_type {model_type!r}{where}; hellora_pl supports {', '.join(supported_model_types())} "
+        "(and detects transformers MoE families whose experts use the plain experts-interface layout). "
         "It has no description of where this family's decoder layers, attention, routers and experts live.\n"
+        f"{found}"
         "To add one, describe them with hellora_pl.backbones.MoEArchitecture(...) and pass it to "
         "hellora_pl.backbones.register_architecture before loading (see 'Adding an architecture or expert "
         "layout' in ARCHITECTURE.md; the built-in ones are in hellora_pl/backbones/families.py)."
@@ -41,9 +52,27 @@ def check_model_type(model_type, source: str | None = None) -> None:
         raise UnsupportedArchitectureError(unsupported_model_type_message(model_type, source))
 
 
+_DETECTED: weakref.WeakKeyDictionary[nn.Module, MoEArchitecture] = weakref.WeakKeyDictionary()
+
+
 def architecture_for(model_or_config) -> MoEArchitecture:
-    """The description for a model or config, or an error that lists what is supported."""
+    """The description for a model or config: the registered one first, else (for a built model)
+    the one detected from it (`detect.detect_architecture`, cached per model), else an error that
+    lists what is supported and, where detection refused the model, why."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
-    check_model_type(model_type)
-    return ARCHITECTURES[model_type]
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    if isinstance(model_or_config, nn.Module):
+        if model_or_config in _DETECTED:
+            return _DETECTED[model_or_config]
+        try:
+            arch = detect_architecture(model_or_config)
+        except DetectionRefused as refused:
+            raise UnsupportedArchitectureError(
+                unsupported_model_type_message(model_type, detection=refused.reason)
+            ) from None
+        if arch is not None:
+            _DETECTED[model_or_config] = arch
+            return arch
+    raise UnsupportedArchitectureError(unsupported_model_type_message(model_type))

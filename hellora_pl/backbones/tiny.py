@@ -107,3 +107,79 @@ def tiny_backbone_config(name: str) -> BackboneConfig:
         raise ValueError(f"No tiny config {name!r}; choose one of {', '.join(TINY_CONFIGS)}.")
     model_type, config = TINY_CONFIGS[name]
     return BackboneConfig(model_type=model_type, config=dict(config))
+
+
+# -- tiny configs of any transformers family whose experts use the experts interface -------------
+# Each size field present in the family's config defaults is shrunk; the rest stay the defaults.
+_TINY_SIZES = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 32,
+    "expert_intermediate_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 8,
+    "max_position_embeddings": 64,
+    "num_experts": 8,
+    "num_local_experts": 8,
+    "n_routed_experts": 8,
+    "moe_num_experts": 8,
+    "num_experts_per_tok": 2,
+    "num_experts_per_token": 2,
+    "top_k_experts": 2,
+    "moe_topk": 2,
+    "first_k_dense_replace": 1,
+    "num_dense_layers": 1,
+    "decoder_sparse_step": 1,
+    "n_shared_experts": 1,
+    "moe_num_shared_experts": 1,
+    "num_shared_experts": 1,
+    "n_group": 2,
+    "topk_group": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+    "sliding_window": 16,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+# Fields set even where the defaults leave them None (the model cannot be built without them).
+_ALWAYS = (
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "num_experts_per_tok",
+    "n_shared_experts",
+)
+
+# Per-layer lists in a config: cut to num_hidden_layers.
+_PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "moe_layer_types")
+
+
+def tiny_config_for(model_type: str):
+    """A tiny config of any transformers `model_type`, from its config class's defaults, offline.
+
+    Every size field of `_TINY_SIZES` the defaults have is shrunk (fields left None stay None, as
+    q_lora_rank in some MLA families); per-layer lists keep their first entry and their last ones, to the tiny depth.
+    """
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"transformers {model_type!r} is not a known model_type; it has no config class to shrink.")
+    config_class = CONFIG_MAPPING[model_type]
+    defaults = config_class().to_dict()
+    sizes = {k: v for k, v in _TINY_SIZES.items() if k in defaults and (defaults[k] is not None or k in _ALWAYS)}
+    layers = sizes.get("num_hidden_layers", defaults.get("num_hidden_layers"))
+    for name in _PER_LAYER_LISTS:
+        if isinstance(defaults.get(name), list) and layers is not None:
+            pattern = defaults[name]  # the first layer (often dense) and the last ones (the repeating pattern)
+            sizes[name] = (pattern[:1] + pattern[len(pattern) - layers + 1 :])[:layers]
+    return config_class(**sizes)

@@ -1,7 +1,8 @@
 """Routing profiles: how often each expert of each MoE layer is selected, and its gate mass.
 
-`RoutingRecorder` hooks every router and accumulates counts while armed; the architecture
-description says how to read the chosen experts and their weights from the router's output.
+`RoutingRecorder` hooks every router (or, for routing "experts_input", every experts module's
+input) and accumulates counts while armed; the architecture description says how to read the
+chosen experts and their weights.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class RoutingProfile:
     def read(cls, path: str | Path) -> RoutingProfile:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"Routing profile {str(path)!r} does not exist; give the path of a saved routing_profile.json.")
+            raise FileNotFoundError(
+                f"Routing profile {str(path)!r} does not exist; give the path of a saved routing_profile.json."
+            )
         return cls.from_dict(json.loads(path.read_text()))
 
 
@@ -88,32 +91,46 @@ class RoutingRecorder:
         self.tokens = 0
         self.armed = False
         self._token_mask: torch.Tensor | None = None
-        self._handles = [
-            layer.router.register_forward_hook(self._hook(slot)) for slot, layer in enumerate(moe_layers)
-        ]
+        if arch.reads_experts_input:
+            self._handles = [
+                layer.experts.register_forward_pre_hook(self._pre_hook(slot), with_kwargs=True)
+                for slot, layer in enumerate(moe_layers)
+            ]
+        else:
+            self._handles = [
+                layer.router.register_forward_hook(self._hook(slot)) for slot, layer in enumerate(moe_layers)
+            ]
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         self._token_mask = None if mask is None else mask.reshape(-1).bool()
 
     def _hook(self, slot: int):
         def record(module, inputs, output):
-            if not self.armed:
-                return
-            weights, indices = self._arch.read_routing(output, self._config)
-            weights, indices = weights.detach(), indices.detach()
-            mask = self._token_mask
-            if mask is not None and mask.numel() == indices.shape[0]:
-                mask = mask.to(indices.device)
-                weights, indices = weights[mask], indices[mask]
-            num_experts = self.counts.shape[1]
-            flat = indices.reshape(-1)
-            self.counts[slot] += torch.bincount(flat, minlength=num_experts).cpu()
-            mass = torch.zeros(num_experts, dtype=torch.float64, device=flat.device)
-            self.gate_mass[slot] += mass.index_add_(0, flat, weights.reshape(-1).double()).cpu()
-            if slot == 0:
-                self.tokens += int(indices.shape[0])
+            if self.armed:
+                self._count(slot, *self._arch.read_routing(output, self._config))
 
         return record
+
+    def _pre_hook(self, slot: int):
+        def record(module, args, kwargs):
+            if self.armed:
+                self._count(slot, *self._arch.read_routing((args, kwargs), self._config))
+
+        return record
+
+    def _count(self, slot: int, weights: torch.Tensor, indices: torch.Tensor) -> None:
+        weights, indices = weights.detach(), indices.detach()
+        mask = self._token_mask
+        if mask is not None and mask.numel() == indices.shape[0]:
+            mask = mask.to(indices.device)
+            weights, indices = weights[mask], indices[mask]
+        num_experts = self.counts.shape[1]
+        flat = indices.reshape(-1)
+        self.counts[slot] += torch.bincount(flat, minlength=num_experts).cpu()
+        mass = torch.zeros(num_experts, dtype=torch.float64, device=flat.device)
+        self.gate_mass[slot] += mass.index_add_(0, flat, weights.reshape(-1).double()).cpu()
+        if slot == 0:
+            self.tokens += int(indices.shape[0])
 
     def arm(self, batch) -> None:
         """Count the routing of the next forward, leaving out the batch's padding (a dict batch's attention_mask)."""
