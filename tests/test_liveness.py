@@ -60,6 +60,24 @@ def test_the_probe_keeps_trained_adapters_and_existing_gradients():
     assert torch.equal(held.grad, torch.full_like(held, 3.0))
 
 
+def test_a_lori_mask_that_keeps_nothing_of_a_matrix_is_not_a_dead_site():
+    """LoRI's model-wide mask can keep no entry of a small matrix (a router's B, one expert's B): nothing
+    there trains, by design, so the guard must not call it dead (a resumed hellori run was stopped so)."""
+    _, model, plan, _, _, tokens = adapted("olmoe", "hellori")
+    tensors = adapter_state_dict(model)
+    router_mask = next(name for name in tensors if "gate" in name and name.endswith("lora_B_mask"))
+    expert_mask = next(name for name in tensors if "experts" in name and "lora_B_mask" in name)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if "lora_B_mask" in name:
+                tensor.copy_(torch.rand(tensor.shape, generator=torch.Generator().manual_seed(1)) < 0.3)
+        tensors[router_mask].zero_()  # the router keeps nothing
+        tensors[expert_mask][0].zero_()  # nor does the first hot expert of one projection
+    plan.mark_lori_masked(switched_at_step=2)
+    report = check_liveness(model, tokens)
+    assert any(".gate." in path for path in report.masked_out), report.masked_out  # the router, reported
+
+
 # -- Llama-4: its experts class has no experts-interface seam, so the expert adapters are dead ----------
 
 

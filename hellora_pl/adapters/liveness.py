@@ -73,6 +73,7 @@ class LivenessReport:
     base_difference: float | None = None  # B = 0 vs the eager experts path; None when not compared
     tolerance: float = FP32_TOLERANCE
     unreached: list[str] = field(default_factory=list)  # routed sites none of whose hot experts got a token
+    masked_out: list[str] = field(default_factory=list)  # sites whose B LoRI's mask empties (nothing trains there)
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -83,6 +84,8 @@ class LivenessReport:
             f"liveness: {self.sites} adapter sites live ({self.forwards} forwards, {self.backwards} backward, "
             f"{self.seconds:.2f} s); B = 0 vs the eager experts path: {base}"
         )
+        if self.masked_out:
+            text += f"; B fully masked by LoRI (nothing to train there): {', '.join(self.masked_out)}"
         if self.unreached:
             text += f"; hot experts no probe token reached (not checked): {', '.join(self.unreached)}"
         return text
@@ -246,13 +249,17 @@ class _Probe:
         rows = {layer: row for row, layer in enumerate(self.arch_layers())}
         dead = []
         for site, adapter in self.placed:
+            if _masked_out(site, adapter):
+                self.report.masked_out.append(site.path)
+                continue
             if site.kind != "routed_expert":
                 missing = [name for name, t in _token_tensors(adapter) if t.requires_grad and not _has_gradient(t)]
                 if missing:
                     dead.append(_Dead(site, f"no gradient reached {', '.join(missing)}", self._token_reason(site)))
                 continue
             hits = reached[rows[site.layer]]
-            slots = [s for s, e in enumerate(site.experts) if int(hits[e]) > 0]
+            kept = _kept_slots(site, adapter)
+            slots = [s for s, e in enumerate(site.experts) if int(hits[e]) > 0 and s in kept]
             if not slots:
                 self.report.unreached.append(site.path)
                 continue
@@ -306,8 +313,13 @@ class _Probe:
         rows = {layer: row for row, layer in enumerate(self.arch_layers())}
         kinds: dict[str, list] = {}
         for site, adapter in self.placed:
-            if site.kind == "routed_expert" and not any(int(reached[rows[site.layer]][e]) > 0 for e in site.experts):
-                continue  # no token reached its hot experts: zeroing it cannot change this batch's output
+            if _masked_out(site, adapter):
+                continue  # LoRI's mask keeps none of its B: zeroing it cannot change the output
+            kept = _kept_slots(site, adapter)
+            if site.kind == "routed_expert" and not any(
+                int(reached[rows[site.layer]][e]) > 0 for s, e in enumerate(site.experts) if s in kept
+            ):
+                continue  # no token reached its hot (and unmasked) experts: zeroing it cannot change this output
             kinds.setdefault(site.kind, []).append((site, adapter))
         dead = []
         for group in kinds.values():
@@ -351,6 +363,29 @@ _LAYOUT_FLAGS = {
     "is_concatenated": (False, "interleaved gate/up weights (is_concatenated=False)"),
     "has_gate": (False, "ungated experts (has_gate=False)"),
 }
+
+
+def _b_mask(site: AdapterSite, adapter: nn.Module) -> torch.Tensor | None:
+    """LoRI's mask on this site's B (None: no mask, every entry trains)."""
+    if site.kind != "routed_expert":
+        return getattr(adapter, "lora_B_mask", None)
+    masks = getattr(adapter, "lora_B_mask", None)
+    return None if masks is None else masks[site.name]
+
+
+def _masked_out(site: AdapterSite, adapter: nn.Module) -> bool:
+    """LoRI's mask keeps no entry of this site's B (model-wide masks can leave a small matrix empty):
+    nothing there trains or acts, by design, so there is nothing to prove live."""
+    mask = _b_mask(site, adapter)
+    return mask is not None and not bool(mask.any())
+
+
+def _kept_slots(site: AdapterSite, adapter: nn.Module) -> set[int]:
+    """The hot-expert slots of a routed site whose B keeps at least one entry under LoRI's mask."""
+    mask = _b_mask(site, adapter)
+    if site.kind != "routed_expert" or mask is None:
+        return set(range(len(site.experts)))
+    return {slot for slot in range(len(site.experts)) if bool(mask[slot].any())}
 
 
 def _token_tensors(adapter: nn.Module) -> list[tuple[str, torch.Tensor]]:
