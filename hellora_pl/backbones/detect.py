@@ -138,8 +138,19 @@ def detect_architecture(model: nn.Module) -> MoEArchitecture | None:
             what for what, field in (("number of experts", num_experts_field), ("top-k", top_k_field)) if field is None
         ]
         refuse(f"its config has no field of the {' and '.join(missing)} that detection knows")
-    attention = getattr(layers[0], ATTENTION)
-    projections = tuple(name for name, child in attention.named_children() if isinstance(child, nn.Linear))
+    projections = _linear_children(getattr(layers[0], ATTENTION))
+    differing = sorted(
+        {
+            type(getattr(layer, ATTENTION)).__name__
+            for layer in layers
+            if _linear_children(getattr(layer, ATTENTION)) != projections
+        }
+    )
+    if differing:
+        refuse(
+            f"some decoder layers' {ATTENTION} ({', '.join(differing)}) lack the first layer's projections "
+            f"({', '.join(projections)}): linear attention under {ATTENTION}, which detection does not handle yet"
+        )
     return MoEArchitecture(
         name=str(model_type),
         model_types=(str(model_type),),
@@ -156,6 +167,10 @@ def detect_architecture(model: nn.Module) -> MoEArchitecture | None:
         aux_loss_field=AUX_LOSS_FIELD if hasattr(config, AUX_LOSS_FIELD) else None,
         notes=DETECTED,
     )
+
+
+def _linear_children(module: nn.Module) -> tuple[str, ...]:
+    return tuple(name for name, child in module.named_children() if isinstance(child, nn.Linear))
 
 
 def _decoder_layers(model: nn.Module) -> tuple[str, list[nn.Module] | None]:
