@@ -68,10 +68,19 @@ def grow_ranks(
     return ranks
 
 
-def apply_expert_ranks(model: nn.Module, plan: AdapterPlan) -> None:
-    """Give every expert adapter the active ranks the plan records (the plan is where they change)."""
+def ranked_expert_adapters(model: nn.Module) -> dict[int, ExpertLoRA]:
+    """The expert adapters with DR-LoRA active ranks, by MoE layer index."""
+    found = {}
     for moe in architecture_for(model).moe_layers(model):
         adapter = layer_expert_adapter(moe)
-        ranks = {entry.layer: entry.expert_ranks for entry in plan.layers}.get(moe.index)
-        if isinstance(adapter, ExpertLoRA) and adapter.lora_active_rank is not None and ranks is not None:
-            adapter.lora_active_rank.copy_(torch.tensor(ranks, dtype=torch.long))
+        if isinstance(adapter, ExpertLoRA) and adapter.lora_active_rank is not None:
+            found[moe.index] = adapter
+    return found
+
+
+def apply_expert_ranks(model: nn.Module, plan: AdapterPlan) -> None:
+    """Give every expert adapter the active ranks the plan records (the plan is where they change)."""
+    ranks = {entry.layer: entry.expert_ranks for entry in plan.layers}
+    for layer, adapter in ranked_expert_adapters(model).items():
+        if ranks.get(layer) is not None:
+            adapter.lora_active_rank.copy_(torch.tensor(ranks[layer], dtype=torch.long))

@@ -6,9 +6,14 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..adapters import DynamicRankSpec, ExpertLoRA, layer_expert_adapter, update_trainable_params
-from ..adapters.dynamic_rank import apply_expert_ranks, expert_rank_importance, grow_ranks, saliency
-from ..backbones import architecture_for
+from ..adapters import DynamicRankSpec, ExpertLoRA, update_trainable_params
+from ..adapters.dynamic_rank import (
+    apply_expert_ranks,
+    expert_rank_importance,
+    grow_ranks,
+    ranked_expert_adapters,
+    saliency,
+)
 from ..routing import RoutingRecorder
 from ..routing.heatmap import heatmap_image
 from .injection import injection_callback
@@ -77,13 +82,7 @@ class DynamicRankCallback(PlanCompanion, Callback):
         return DynamicRankSpec.for_rank(rank, self.rank_init, self.rank_max, **self._schedule)
 
     def _adapters(self, trainer: Trainer) -> dict[int, ExpertLoRA]:
-        model = injection_callback(trainer).model
-        found = {}
-        for moe in architecture_for(model).moe_layers(model):
-            adapter = layer_expert_adapter(moe)
-            if isinstance(adapter, ExpertLoRA) and adapter.lora_active_rank is not None:
-                found[moe.index] = adapter
-        return found
+        return ranked_expert_adapters(injection_callback(trainer).model)
 
     # -- statistics ------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
