@@ -310,15 +310,17 @@ def hot_row_share(routed: list[AdapterSite], shares: torch.Tensor, slot: int) ->
     return float(shares[slot, list(routed[0].experts) if routed else []].sum())
 
 
-def layer_activations(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: MemorySettings) -> list[float]:
-    """Saved bytes of each decoder layer without checkpointing."""
+def layer_activations(
+    model: nn.Module, sites: list[AdapterSite], shares: torch.Tensor, s: MemorySettings
+) -> list[float]:
+    """Saved bytes of each decoder layer without checkpointing (`sites`: the plan's adapter sites)."""
     arch = architecture_for(model)
     w = attention_widths(model)
     n, k = s.tokens, arch.top_k(model.config)
     moe_layers = {moe.index: moe for moe in arch.moe_layers(model)}
     slots = {index: slot for slot, index in enumerate(moe_layers)}
     by_layer: dict[int, list[AdapterSite]] = {}
-    for site in adapter_sites(model, plan):
+    for site in sites:
         by_layer.setdefault(site.layer, []).append(site)
     result = []
     for index, layer in enumerate(arch.decoder_layers(model)):
@@ -346,9 +348,13 @@ def head_activations(w: Widths, s: MemorySettings) -> int:
     return _rms_norm(n, w.hidden) + 4 * n * w.vocab + 8 * n + 2 * s.seq_len * w.head_dim * DTYPE_BYTES[s.dtype]
 
 
-def activation_bytes(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: MemorySettings) -> dict:
-    """Saved activations with and without checkpointing, and the largest layer's (for the recompute)."""
-    layers = layer_activations(model, plan, shares, s)
+def activation_bytes(
+    model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: MemorySettings, sites: list[AdapterSite] | None = None
+) -> dict:
+    """Saved activations with and without checkpointing, and the largest layer's (for the recompute).
+
+    `sites`: the plan's adapter sites when the caller has them already (else listed here)."""
+    layers = layer_activations(model, adapter_sites(model, plan) if sites is None else sites, shares, s)
     w = attention_widths(model)
     head = head_activations(w, s)
     checkpointed = len(layers) * DTYPE_BYTES[s.dtype] * s.tokens * w.hidden
@@ -388,9 +394,12 @@ class StepTerms:
     gathered: int  # FSDP: the root unit + the largest decoder layer, gathered
 
 
-def memory_report(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: MemorySettings) -> dict:
-    """The memory breakdown of one rank's training step (`shares`: [MoE layers, E] selection shares)."""
-    terms = step_terms(model, plan, shares, s)
+def memory_report(
+    model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: MemorySettings, sites: list[AdapterSite] | None = None
+) -> dict:
+    """The memory breakdown of one rank's training step (`shares`: [MoE layers, E] selection shares;
+    `sites`: the plan's adapter sites when the caller has them already)."""
+    terms = step_terms(model, plan, shares, s, adapter_sites(model, plan) if sites is None else sites)
     figures = {**persistent_figures(terms, s), **step_figures(terms, s)}
     persistent = sum(figures[key]["value"] for key in ("weights", "adapters", "gradients", "optimizer"))
     activations = figures["activations"]["value"]
@@ -403,15 +412,16 @@ def memory_report(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: 
     return {"settings": asdict(s), "figures": figures, "notes": memory_notes(s)}
 
 
-def step_terms(model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: MemorySettings) -> StepTerms:
+def step_terms(
+    model: nn.Module, plan: AdapterPlan, shares: torch.Tensor, s: MemorySettings, sites: list[AdapterSite]
+) -> StepTerms:
     """Count every term of the step: stored weights, adapters, activations, transients, FSDP gathering."""
     quantized = quantized_tensor_ids(model, s)
-    sites = adapter_sites(model, plan)
     held, trainable = adapter_elements(sites)
     mask_bytes = trainable if plan.lori is not None else 0
     weights = weight_bytes(model, s, quantized)
     replicated = replicated_bytes(model, s, quantized)
-    acts = activation_bytes(model, plan, shares, s)
+    acts = activation_bytes(model, plan, shares, s, sites)
     loss_peak, layer_peak, dequantized, recompute = transient_bytes(model, s, quantized, acts)
     return StepTerms(
         weights=weights,

@@ -67,7 +67,7 @@ def budget(
         "notes": notes(plan, counts, rank, hot_k, profile is not None, router),
     }
     if memory is not None:
-        report["memory"] = memory_report(model, plan, shares, memory)
+        report["memory"] = memory_report(model, plan, shares, memory, sites)
     return report
 
 
