@@ -141,16 +141,14 @@ def resolve_method(
     (`DynamicRankSpec.for_rank(rank)` holds its defaults); other methods take neither.
     """
     method = method_defaults(name)
-    for spec, needed, label in (
-        (lori, method.lori, "LoRI settings (LoRISpec)"),
-        (dynamic_rank, method.dynamic_rank, "DR-LoRA settings (DynamicRankSpec)"),
+    for spec, needed, label, owner in (
+        (lori, method.lori, "LoRI settings (LoRISpec)", "hellori"),
+        (dynamic_rank, method.dynamic_rank, "DR-LoRA settings (DynamicRankSpec)", "dr_lora"),
     ):
         if needed and spec is None:
             raise ValueError(f"Method {name!r} needs {label}.")
         if spec is not None and not needed:
-            raise ValueError(
-                f"Method {name!r} takes no {label}; only {'hellori' if 'LoRI' in label else 'dr_lora'} does."
-            )
+            raise ValueError(f"Method {name!r} takes no {label}; only {owner} does.")
     use_router = method.router if router is None else router
     return PlanSettings(
         method=method.name,
