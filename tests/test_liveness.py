@@ -129,7 +129,7 @@ def test_llama4_with_eager_experts_is_stopped_naming_the_experts_and_the_missing
     assert "4 of" in message  # 2 layers x (gate_up_proj, down_proj); the other sites train
 
 
-# -- a post-expert norm (transformers' has_post_expert_norm) that the adapted path skips ---------------
+# -- a post-expert norm (transformers' has_post_expert_norm): the adapted path applies it -----------------
 
 
 class ScaledRMSNorm(nn.Module):
@@ -166,15 +166,16 @@ class PostNormExperts(nn.Module):
         return out
 
 
-def test_a_post_expert_norm_the_adapted_path_skips_is_stopped(token_batch):
+def test_a_post_expert_norm_runs_in_the_adapted_path_and_the_probe_passes(token_batch):
+    """The adapted path once skipped the norm and this probe stopped it; now it applies the norm
+    (kernels/layout.py), so B = 0 matches the eager experts and every adapter is live."""
     model = tiny_olmoe()
     for layer in model.model.layers:
         layer.mlp.experts = PostNormExperts(model.config, layer.mlp.experts)
     plan = resolve_method("lora", rank=4, alpha=8.0).build(model, None)
     inject_adapters(model, plan, expert_kernel="torch")
-    with pytest.raises(DeadAdapterError, match=r"(?s)B \(and delta\) zeroed.*eager experts path by .*post-expert "
-                       r"norm \(has_post_expert_norm\) \(layers \[0, 1\]\)"):  # fmt: skip
-        check_liveness(model, token_batch)
+    report = check_liveness(model, token_batch)
+    assert report.base_difference is not None and report.base_difference <= report.tolerance
 
 
 # -- the fit: the guard runs on the first batch and stops before the optimizer's first step ----------

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..kernels.contract import DELTA, EXPERT_ADAPTER_ATTR, LORA, expert_adapter
+from ..kernels.layout import ExpertLayout
 from .common import check_rank, effective_B, init_lora_pair
 
 __all__ = [
@@ -235,9 +236,10 @@ def detach_expert_adapter(moe, merge: bool) -> None:
     with torch.no_grad():
         if host is moe.experts:  # fused
             if merge:
+                layout = ExpertLayout.of(moe.experts)  # the update is [out, in]; transposed storage takes its transpose
                 for name in adapter.projections:
                     weight = getattr(moe.experts, name)
-                    weight[adapter.hot_experts] += adapter.delta_weight(name).to(weight.dtype)
+                    weight[adapter.hot_experts] += layout.to_storage(adapter.delta_weight(name)).to(weight.dtype)
         else:
             for name in adapter.projections:
                 delta = adapter.delta_weight(name) if merge else None

@@ -44,6 +44,7 @@ from torch import nn
 
 from ..backbones import architecture_for
 from ..kernels.dispatch import IMPLEMENTATIONS
+from ..kernels.layout import ExpertLayout
 from ..routing import RoutingRecorder
 from .at_sites import adapters_at_sites
 from .experts import ExpertAdapter, ExpertDelta
@@ -234,15 +235,19 @@ class _Probe:
         )
 
     def _layout_hint(self) -> str:
-        flags = {}
+        """The experts' layout features beside the plain one (context for a failed base check)."""
+        found: dict[str, list[int]] = {}
         for moe in self.arch.moe_layers(self.model):
-            for flag, what in _LAYOUT_FLAGS.items():
-                if getattr(moe.experts, flag, False) == what[0]:
-                    flags.setdefault(what[1], []).append(moe.index)
-        if not flags:
-            return "The experts' layout flags name no known cause: compare their forward with kernels/reference.py."
-        found = "; ".join(f"{text} (layers {layers})" for text, layers in flags.items())
-        return f"The experts declare: {found}, which the adapted expert path does not apply."
+            try:
+                differences = ExpertLayout.of(moe.experts).differences()
+            except NotImplementedError as refused:
+                differences = [str(refused)]
+            for text in differences:
+                found.setdefault(text, []).append(moe.index)
+        if not found:
+            return "The experts use the plain layout: compare their forward with kernels/reference.py."
+        listed = "; ".join(f"{text} (layers {layers})" for text, layers in found.items())
+        return f"The experts declare: {listed}; compare how their forward applies these with kernels/reference.py."
 
     # -- check 2: every trainable adapter tensor gets a gradient -------------------------------
     def _dead_by_gradient(self, reached: torch.Tensor) -> list[_Dead]:
@@ -354,15 +359,6 @@ class _Probe:
             for site, adapter in group:
                 for tensor, size in _update_tensors(site, adapter):
                     tensor.copy_(torch.zeros_like(tensor) if zero else _pattern(tensor, size))
-
-
-_LAYOUT_FLAGS = {
-    "has_post_expert_norm": (True, "a post-expert norm (has_post_expert_norm)"),
-    "has_bias": (True, "expert biases (has_bias)"),
-    "is_transposed": (True, "transposed expert weights (is_transposed)"),
-    "is_concatenated": (False, "interleaved gate/up weights (is_concatenated=False)"),
-    "has_gate": (False, "ungated experts (has_gate=False)"),
-}
 
 
 def _b_mask(site: AdapterSite, adapter: nn.Module) -> torch.Tensor | None:

@@ -4,6 +4,12 @@ Route once, sort the (token, k) pairs by expert, run the frozen base as grouped 
 LoRA as a shrink (x A^T) and an expand (. B^T) over the rows routed to hot experts only. The
 update W + BA is never built, cold rows get no adapter work, and the frozen weights get no
 gradient.
+
+Every layout of transformers' experts interface runs here (`layout.ExpertLayout`), step for step
+as `grouped_mm_experts_forward`: transposed storage, the bias of each row's expert, the experts'
+own `_apply_gate` (gated; interleaved or clamped gates included) or `act_fn` (ungated), the
+post-expert norm, then the routing weights. The update is logical [out, in] whatever the storage,
+so the gate sees base + update in the stored row order, as the merged weight would give.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contract import DELTA, AdaptedExperts, expert_adapter
+from .layout import ExpertLayout
 
 _grouped_mm_op = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
@@ -33,6 +40,7 @@ class ExpertRouting:
     offsets: torch.Tensor  # int32 [E] cumulative rows per expert
     hot_rows: torch.Tensor | None  # sorted rows routed to a hot expert, in hot-slot order
     hot_offsets: torch.Tensor | None  # int32 [n_hot] cumulative hot rows per slot
+    expert_of_row: torch.Tensor | None = None  # sorted row -> expert (for per-expert biases)
 
     @classmethod
     def build(cls, top_k_index: torch.Tensor, num_experts: int, lora: AdaptedExperts | None) -> ExpertRouting:
@@ -44,7 +52,7 @@ class ExpertRouting:
         if lora is not None:
             hot_rows = torch.nonzero(lora.slot_of_expert[sorted_experts] >= 0).squeeze(1)
             hot_offsets = torch.cumsum(counts[lora.hot_experts], 0, dtype=torch.int32)
-        return cls(perm, perm // top_k, offsets, hot_rows, hot_offsets)
+        return cls(perm, perm // top_k, offsets, hot_rows, hot_offsets, sorted_experts)
 
 
 def lora_update(lora: AdaptedExperts, name: str, x: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
@@ -71,12 +79,23 @@ def _rank_padding(rank: int, element_size: int) -> int:
     return -rank % multiple
 
 
-def _project(experts: nn.Module, name: str, x: torch.Tensor, routing: ExpertRouting, lora) -> torch.Tensor:
+def _project(
+    experts: nn.Module, layout: ExpertLayout, name: str, x: torch.Tensor, routing: ExpertRouting, lora
+) -> torch.Tensor:
     weight = getattr(experts, name)
     if isinstance(weight, torch.Tensor):
-        out = grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), routing.offsets)
+        stored_in_out = weight if layout.transposed else weight.transpose(-2, -1)
+        out = grouped_mm(x.to(weight.dtype), stored_in_out, routing.offsets)
+    elif layout.transposed:
+        raise NotImplementedError(
+            f"{type(experts).__name__}.{name} is quantized storage of transposed experts (is_transposed), which "
+            "the expert path does not read; hellora_pl.quant stores such experts as [E, out, in] and clears the flag."
+        )
     else:  # quantized storage (hellora_pl.quant): dequantizes only the experts this batch routes to
         out = weight.grouped_mm(x.to(weight.dtype), routing.offsets)
+    bias = layout.bias_of(experts, name)
+    if bias is not None:  # the bias of each row's expert, as transformers' _grouped_linear adds it
+        out = out + bias[routing.expert_of_row].to(out.dtype)
     if lora is not None and name in lora.projections and routing.hot_rows.numel() > 0:
         # In place: grouped_mm does not keep its output for backward, and a copy would cost a full pass.
         out.index_add_(0, routing.hot_rows, lora_update(lora, name, x, routing).to(out.dtype))
@@ -108,10 +127,18 @@ def unsort_rows(rows: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return _Unsort.apply(rows, perm, inverse)
 
 
-def _gate(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+def _activate(experts: nn.Module, layout: ExpertLayout, up_out: torch.Tensor) -> torch.Tensor:
+    """The experts' own gate (gated: `_apply_gate`, which knows interleaved rows and clamps) or `act_fn`."""
+    if not layout.gated:
+        return experts.act_fn(up_out)
     if hasattr(experts, "_apply_gate"):
-        return experts._apply_gate(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
+        return experts._apply_gate(up_out)
+    if not layout.concatenated:
+        raise NotImplementedError(
+            f"{type(experts).__name__} has interleaved gate/up rows (is_concatenated=False) and no `_apply_gate` "
+            "to split them."
+        )
+    gate, up = up_out.chunk(2, dim=-1)
     return experts.act_fn(gate) * up
 
 
@@ -122,17 +149,20 @@ def adapted_experts_forward(
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Drop-in for a fused experts module's forward (the transformers experts interface)."""
-    if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
-        raise NotImplementedError(
-            f"{type(experts).__name__} stores biased or transposed expert weights, which the hellora "
-            "expert path does not handle yet; use experts_implementation='grouped_mm' without expert adapters."
-        )
+    layout = ExpertLayout.of(experts)
     lora = expert_adapter(experts)
+    if lora is not None and not set(lora.projections) <= set(layout.projections):
+        raise NotImplementedError(
+            f"{type(experts).__name__}: adapted projections {lora.projections} are not among its expert "
+            f"projections {layout.projections}."
+        )
     num_tokens, top_k = top_k_index.shape
-    routing = ExpertRouting.build(top_k_index, experts.gate_up_proj.shape[0], lora)
+    routing = ExpertRouting.build(top_k_index, layout.num_experts, lora)
     x = hidden_states[routing.token_of_row]
-    hidden = _gate(experts, _project(experts, "gate_up_proj", x, routing, lora))
-    out = _project(experts, "down_proj", hidden, routing, lora)
+    hidden = _activate(experts, layout, _project(experts, layout, layout.up, x, routing, lora))
+    out = _project(experts, layout, "down_proj", hidden, routing, lora)
+    if layout.post_norm:
+        out = experts.post_expert_norm(out)
     out = out * top_k_weights.reshape(-1)[routing.perm].unsqueeze(-1).to(out.dtype)
     # Back to (token, k) order and sum over k: deterministic, unlike index_add on CUDA.
     return unsort_rows(out, routing.perm).view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)

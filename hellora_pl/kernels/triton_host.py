@@ -36,8 +36,8 @@ dequantizes the same experts again (QLoRA's recompute), the down projection for 
 is needed, gate_up. At most one projection's dense experts exist at a time.
 
 Falls back to the torch reference for what it does not cover: full-rank deltas (ESFT), LoRA dropout
-while training, experts with a custom `_apply_gate` or an activation other than SiLU, biased or transposed
-weights, frozen weights that require a gradient, quantized storage other than a dense tensor or
+while training, experts with a custom `_apply_gate` or an activation other than SiLU, any layout but the
+plain one (`layout.ExpertLayout.plain`: ungated, transposed, biased, interleaved, post-norm), frozen weights that require a gradient, quantized storage other than a dense tensor or
 one with `dequantize(index, dtype)`, dtypes other than fp32/fp16/bf16, and when Triton cannot run
 (no CUDA tensors and no TRITON_INTERPRET=1).
 """
@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from .contract import LORA, expert_adapter
+from .layout import ExpertLayout
 from .reference import adapted_experts_forward
 
 __all__ = [
@@ -96,8 +97,9 @@ def triton_unsupported_reason(experts: nn.Module, hidden_states: torch.Tensor) -
         return "Triton is not installed or has neither CUDA nor TRITON_INTERPRET=1"
     if hidden_states.device.type != "cuda" and not _interpreting():
         return "tensors are not on CUDA"
-    if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
-        return "biased or transposed expert weights"
+    layout = ExpertLayout.of(experts)
+    if not layout.plain:  # the kernels read concatenated gated [E, out, in] weights, no bias, no post-norm
+        return f"{', '.join(layout.differences())}: the Triton kernels run the plain layout only"
     if _custom_gate(experts) or not _is_silu(getattr(experts, "act_fn", None)):
         return "the activation is not SwiGLU with SiLU"
     weights = (experts.gate_up_proj, experts.down_proj)
