@@ -193,17 +193,28 @@ class Widths:
     vocab: int
 
 
-def attention_widths(model: nn.Module) -> Widths:
-    """q, k, v and output widths of the attention (MLA: heads x qk/v head dims)."""
+def attention_widths(model: nn.Module, layer: nn.Module | None = None) -> Widths:
+    """q, k, v and output widths of the attention (MLA: heads x qk/v head dims); the q/k norm rows are those of
+    `layer`'s own mixer (default: the first attention layer's, so a hybrid's DeltaNet layers do not hide them)."""
     cfg = model.config
     arch = architecture_for(model)
-    attention = arch.attention_module(arch.decoder_layers(model)[0])
+    if layer is None:
+        layers = arch.decoder_layers(model)
+        layer = next((x for x in layers if _mixer_path(arch, x) == arch.attention), layers[0])
+    attention = arch.attention_module(layer)
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads
     if getattr(cfg, "qk_nope_head_dim", None) is not None:
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         q = k = heads * qk
         v = out = heads * cfg.v_head_dim
         head_dim = cfg.qk_rope_head_dim
+    elif _has_linears(attention, ("q_proj", "k_proj", "o_proj")):
+        # This layer's own widths: layers may differ (Gemma-4's full-attention layers: wider heads, no v_proj).
+        # q counts the query heads only (q_proj may also emit an output gate: Qwen3-Next, Qwen3.5).
+        head_dim = getattr(attention, "head_dim", None) or _linear(attention, "o_proj").in_features // heads
+        q, k = heads * head_dim, _linear(attention, "k_proj").out_features
+        v = _linear(attention, "v_proj").out_features if _has_linears(attention, ("v_proj",)) else k
+        out = _linear(attention, "o_proj").in_features
     else:
         head_dim = getattr(cfg, "head_dim", None) or hidden // heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -215,9 +226,41 @@ def attention_widths(model: nn.Module) -> Widths:
     return Widths(hidden, q, k, v, out, heads, head_dim, q_rows, k_rows, vocab)
 
 
+def _linear(module: nn.Module, name: str) -> nn.Module | None:
+    """`module.<name>`, or the base layer a LoRA wrapper holds there."""
+    child = getattr(module, name, None)
+    return getattr(child, "base_layer", child)
+
+
+def _has_linears(module: nn.Module | None, names: tuple[str, ...]) -> bool:
+    return module is not None and all(isinstance(_linear(module, n), nn.Linear) for n in names)
+
+
 def _rms_norm(tokens: int, width: int, rows_per_token: int = 1) -> int:
     """An RMSNorm keeps its fp32 input and the fp32 rsqrt per normalised row."""
     return 4 * tokens * width + 4 * tokens * rows_per_token
+
+
+def _mixer_path(arch, layer: nn.Module) -> str | None:
+    found = arch.layer_mixer(layer)
+    return None if found is None else found[0]
+
+
+def mixer_activations(
+    arch, layer: nn.Module, layer_sites: list[AdapterSite], w: Widths, n: int, s: MemorySettings
+) -> int:
+    """Bytes one decoder layer's token mixer saves, by its type: attention (`attention_activations`, with this
+    layer's q/k norms); another mixer (linear attention, DeltaNet, Mamba) keeps its projections' outputs (its
+    recurrence's own state is not counted); none when the layer's mixer is its MoE block."""
+    path = _mixer_path(arch, layer)
+    if path is None:
+        return 0
+    if path == arch.attention:
+        return attention_activations(layer_sites, w, n, s)
+    mixer = arch.attention_module(layer)
+    outputs = sum(child.out_features for child in mixer.children() if isinstance(child, nn.Linear))
+    lora = lora_input_activations([x for x in layer_sites if x.kind == "attention"], n, s)
+    return DTYPE_BYTES[s.dtype] * n * outputs + lora
 
 
 def attention_activations(layer_sites: list[AdapterSite], w: Widths, n: int, s: MemorySettings) -> int:
@@ -326,7 +369,7 @@ def layer_activations(
     for index, layer in enumerate(arch.decoder_layers(model)):
         layer_sites = by_layer.get(index, [])
         total = (_rms_norm(n, w.hidden) if index > 0 else 0) + _rms_norm(n, w.hidden)
-        total += attention_activations(layer_sites, w, n, s)
+        total += mixer_activations(arch, layer, layer_sites, attention_widths(model, layer), n, s)
         moe = moe_layers.get(index)
         if moe is None:
             total += dense_mlp_activations(layer, n, s)

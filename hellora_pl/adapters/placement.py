@@ -10,7 +10,7 @@ from torch import nn
 from ..backbones import architecture_for
 from ..routing import AllExperts, HotExpertPolicy, RoutingProfile
 from .plan import AdapterPlan, DynamicRankSpec, LayerPlan, LoRISpec
-from .sites import count_lora_baseline_params, count_plan_params
+from .sites import count_lora_baseline_params, count_plan_params, mixer_projections
 
 
 def build_plan(
@@ -63,6 +63,9 @@ def build_plan(
         router_rank=router_rank,
         attention_modules=list(
             arch.attention_projections_of(model) if attention_modules is None else attention_modules
+        ),
+        mixer_projections=mixer_projections(
+            model, arch.attention_projections_of(model) if attention_modules is None else attention_modules
         ),
         expert_modules=expert_modules,
         shared_expert_modules=list(shared_expert_modules),

@@ -140,6 +140,9 @@ class AdapterPlan:
     profile_tokens: int = 0
     trainable_params: int = 0
     lora_all_experts_params: int = 0
+    # Hybrid decoders: per layer type (the class of a layer's attention-like module) the projections
+    # adapted on it. Empty when every layer has the same one: `attention_modules` then says it all.
+    mixer_projections: dict[str, list[str]] = field(default_factory=dict)
     format_version: int = PLAN_FORMAT_VERSION
 
     def __post_init__(self):
@@ -189,6 +192,8 @@ class AdapterPlan:
         data = asdict(self)
         data["lori"] = None if self.lori is None else self.lori.to_dict()
         data["dynamic_rank"] = None if self.dynamic_rank is None else self.dynamic_rank.to_dict()
+        if not self.mixer_projections:
+            del data["mixer_projections"]  # plans of uniform decoders read as before
         return data
 
     @classmethod

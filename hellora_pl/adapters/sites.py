@@ -16,6 +16,12 @@ Counting rules (matrices are [out, in]):
         sparse kernels);
   full  (ESFT) out x in parameters and 2 out in FLOPs per adapted expert matrix.
 A routed site counts each hot expert at its active rank (DR-LoRA), else at the allocated rank.
+
+Hybrid decoders (layers whose token mixer is attention, linear attention, DeltaNet or Mamba): each
+layer's attention sites are the projections of its own mixer (`MoEArchitecture.layer_mixer`) that
+the plan adapts on that layer type (`plan.mixer_projections`, keyed by the mixer's class), so a
+projection counts once per layer that has it; a layer without a mixer (its mixer is the MoE block)
+has no attention site.
 """
 
 from __future__ import annotations
@@ -91,8 +97,11 @@ def adapter_sites(model: nn.Module, plan: AdapterPlan) -> list[AdapterSite]:
     sites: list[AdapterSite] = []
     for index, layer in enumerate(arch.decoder_layers(model)):
         attention = arch.attention_module(layer)
-        for name in plan.attention_modules:
-            where = f"layer {index} {arch.attention}"
+        if attention is None:
+            continue
+        path, projections = arch.layer_mixer(layer)
+        where = f"layer {index} {path}"
+        for name in _adapted_projections(plan, attention, projections, where):
             shape = _linear_shape(attention, name, where)
             sites.append(
                 AdapterSite(
@@ -132,6 +141,62 @@ def adapter_sites(model: nn.Module, plan: AdapterPlan) -> list[AdapterSite]:
         if plan.expert_modules and layer_plan.hot_experts:
             sites.extend(_routed_sites(arch, moe_layers[layer_plan.layer], layer_plan, plan, names, lora))
     return sites
+
+
+def _layer_type(mixer_class: str, projections: Sequence[str], by_projections: bool) -> str:
+    """A layer type's key in `plan.mixer_projections`: the mixer's class, or the class with its
+    projections where one class comes with several sets (Gemma-4: full-attention layers without v_proj)."""
+    return f"{mixer_class}({','.join(projections)})" if by_projections else mixer_class
+
+
+def _adapted_projections(plan: AdapterPlan, mixer: nn.Module, projections: Sequence[str], where: str) -> list[str]:
+    """The projections `plan` adapts on a layer whose attention-like module is `mixer` with `projections`."""
+    if not plan.mixer_projections:
+        return plan.attention_modules
+    kind = type(mixer).__name__
+    if kind not in plan.mixer_projections:
+        kind = _layer_type(kind, projections, by_projections=True)
+    if kind not in plan.mixer_projections:
+        raise ValueError(
+            f"{where} is a {kind}, a layer type the plan does not know ({', '.join(plan.mixer_projections)}); "
+            "the plan was made for another model: build it on this one."
+        )
+    return plan.mixer_projections[kind]
+
+
+def mixer_projections(model: nn.Module, attention_modules: Sequence[str]) -> dict[str, list[str]]:
+    """Per layer type (the class of a layer's attention-like module), which of `attention_modules`
+    it has: what a plan records for a hybrid decoder. {} when every layer has the same module and all
+    of them (a uniform decoder: `attention_modules` says it all, as in plans before hybrids). Raises
+    when a name is on no layer."""
+    arch = architecture_for(model)
+    found_sets: dict[str, list[tuple[str, ...]]] = {}  # mixer class -> its distinct projection sets
+    without = False
+    for layer in arch.decoder_layers(model):
+        found = arch.layer_mixer(layer)
+        if found is None:
+            without = True
+            continue
+        sets = found_sets.setdefault(type(_module_at(layer, found[0])).__name__, [])
+        if found[1] not in sets:
+            sets.append(found[1])
+    kinds = {
+        _layer_type(mixer_class, names, by_projections=len(sets) > 1): names
+        for mixer_class, sets in found_sets.items()
+        for names in sets
+    }
+    unknown = [name for name in attention_modules if not any(name in names for names in kinds.values())]
+    if unknown:
+        have = {kind: list(names) for kind, names in kinds.items()}
+        raise ValueError(f"No decoder layer of {arch.name} has attention projections {unknown}; its layers have {have}.")
+    chosen = {kind: [n for n in attention_modules if n in names] for kind, names in kinds.items()}
+    if len(chosen) <= 1 and not without and all(names == list(attention_modules) for names in chosen.values()):
+        return {}
+    return chosen
+
+
+def _module_at(root: nn.Module, dotted: str) -> nn.Module:
+    return root.get_submodule(dotted)
 
 
 def _linear_shape(parent: nn.Module, name: str, where: str) -> tuple[int, int]:
@@ -275,6 +340,7 @@ def lora_everywhere(model: nn.Module, rank: int) -> AdapterPlan:
         alpha=rank,
         router_rank=rank,
         attention_modules=arch.attention_projections_of(model),
+        mixer_projections=mixer_projections(model, arch.attention_projections_of(model)),
         expert_modules=list(arch.expert_projections),
         shared_expert_modules=list(arch.shared_expert_projections) if arch.shared_experts else [],
         layers=[LayerPlan(moe.index, list(range(num_experts))) for moe in arch.moe_layers(model)],

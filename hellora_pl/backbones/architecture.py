@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..kernels.layout import ExpertLayout
+
 
 @dataclass(frozen=True)
 class MoELayer:
@@ -88,8 +90,11 @@ class MoEArchitecture:
     ROUTING_READERS that turns the router's output into the chosen experts and their weights;
     "experts_input" reads them from the experts' arguments instead (families found by
     `backbones.detect`, whose experts use transformers' experts interface).
-    `attention_projections` lists candidates; those a model lacks (DeepSeek's q_proj vs
-    q_a_proj/q_b_proj) are skipped. `aux_loss_field` is the config field of the load-balancing
+    `attention_projections` lists candidates; those a layer's mixer lacks (DeepSeek's q_proj vs
+    q_a_proj/q_b_proj, a DeltaNet layer's q_proj) are skipped. `mixers` lists the candidate paths
+    of a layer's attention-like module (its token mixer: `self_attn`, `linear_attn`, `mamba`, ...)
+    for hybrid decoders whose layers differ; empty means `attention` only. A layer whose mixer is
+    its MoE block (NemotronH's `mixer`) has none (`layer_mixer`). `aux_loss_field` is the config field of the load-balancing
     loss coefficient, or None when the model has no such loss.
     """
 
@@ -98,6 +103,7 @@ class MoEArchitecture:
     layers: str = "model.layers"
     attention: str = "self_attn"
     attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    mixers: tuple[str, ...] = ()
     moe_block: str = "mlp"
     router: str = "gate"
     experts: str = "experts"
@@ -110,6 +116,9 @@ class MoEArchitecture:
     top_k_field: str = "num_experts_per_tok"
     aux_loss_field: str | None = "router_aux_loss_coef"
     notes: str = field(default="", compare=False)
+    # Linear children of a mixer left without an adapter, each "path (why)": detection records them so the
+    # plan's budget says so (a weight the mixer's code reads directly, a linear with a forward of its own).
+    left_out: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
         if self.expert_layout not in ("fused", "module_list"):
@@ -133,13 +142,30 @@ class MoEArchitecture:
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         return list(_get(model, self.layers))
 
-    def attention_module(self, layer: nn.Module) -> nn.Module:
-        return _get(layer, self.attention)
+    def layer_mixer(self, layer: nn.Module) -> tuple[str, tuple[str, ...]] | None:
+        """(path, adaptable projections) of `layer`'s attention-like module: the first of `mixers`
+        (`attention` when empty) the layer has that is not its MoE block, and the candidates of
+        `attention_projections` that are its linear children. None when the layer has none."""
+        moe_block = _get(layer, self.moe_block, default=None)
+        for path in self.mixers or (self.attention,):
+            mixer = _get(layer, path, default=None)
+            if mixer is None or (mixer is moe_block and _get(mixer, self.router, default=None) is not None):
+                continue  # absent, or the layer's MoE block (NemotronH's MoE layers)
+            return path, tuple(name for name in self.attention_projections if _is_linear(getattr(mixer, name, None)))
+        return None
+
+    def attention_module(self, layer: nn.Module) -> nn.Module | None:
+        """`layer`'s attention-like module (see `layer_mixer`); None when it has none."""
+        found = self.layer_mixer(layer)
+        return None if found is None else _get(layer, found[0])
 
     def attention_projections_of(self, model: nn.Module) -> list[str]:
-        """The candidate attention projections this model has (read from its first layer)."""
-        attention = self.attention_module(self.decoder_layers(model)[0])
-        return [name for name in self.attention_projections if isinstance(getattr(attention, name, None), nn.Linear)]
+        """The candidate attention projections this model has on any layer's mixer, in candidate order."""
+        present = set()
+        for layer in self.decoder_layers(model):
+            found = self.layer_mixer(layer)
+            present |= set(found[1]) if found is not None else set()
+        return [name for name in self.attention_projections if name in present]
 
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
         found = []
@@ -153,9 +179,11 @@ class MoEArchitecture:
         return found
 
     def expert_shapes(self, experts: nn.Module) -> dict[str, tuple[int, int]]:
-        """(out, in) of each expert projection, the same for every expert of a layer."""
+        """Logical (out, in) of each expert projection, the same for every expert of a layer (fused experts:
+        whatever the storage orientation, read by `kernels.layout.ExpertLayout`)."""
         if self.fused:
-            return {name: tuple(getattr(experts, name).shape[1:]) for name in self.expert_projections}
+            layout = ExpertLayout.of(experts)
+            return {name: layout.shape(name) for name in self.expert_projections}
         return {name: tuple(getattr(experts[0], name).weight.shape) for name in self.expert_projections}
 
     def expert_linear(self, experts: nn.Module, expert: int, name: str) -> nn.Module:
@@ -167,17 +195,34 @@ class MoEArchitecture:
         return ROUTING_READERS[self.routing](output, self.top_k(config), config)
 
     def num_experts(self, config) -> int:
-        return int(getattr(config, self.num_experts_field))
+        return int(_get(config, self.num_experts_field))  # dotted for a wrapper: "text_config.num_experts"
 
     def top_k(self, config) -> int:
-        return int(getattr(config, self.top_k_field))
+        return int(_get(config, self.top_k_field))
 
 
 _MISSING = object()
 
 
+def acts_as_linear(module) -> bool:
+    """An nn.Linear that computes x W^T + b on the last dimension, so a LoRA beside it adds B A x to its
+    output: nn.Linear's own forward, or hellora_pl's stand-ins (NF4Linear stores W in 4 bits, same map).
+    A subclass with a forward of its own (DeepSeek-V4's grouped `o_a_proj`, block-diagonal per group) is not."""
+    if not isinstance(module, nn.Linear):
+        return False
+    forward = type(module).forward
+    return forward is nn.Linear.forward or getattr(forward, "__module__", "").startswith("hellora_pl.")
+
+
+def _is_linear(module) -> bool:
+    """A plain linear map (`acts_as_linear`), or an adapter wrapping one (its `base_layer`), as in a model
+    already injected."""
+    return acts_as_linear(module) or acts_as_linear(getattr(module, "base_layer", None))
+
+
 def _get(obj, dotted: str, default=_MISSING):
-    for part in dotted.split("."):
+    """The attribute at `dotted` ("" is `obj` itself)."""
+    for part in dotted.split(".") if dotted else ():
         if not hasattr(obj, part):
             if default is _MISSING:
                 raise AttributeError(f"{type(obj).__name__} has no attribute {part!r} (path {dotted!r})")

@@ -51,7 +51,7 @@ def budget(
     base = base_figures(model)
     counts = adapter_figures(model, plan, sites, shares, rank, rank_max_used)
     routers = [site for site in sites if site.kind == "router"]
-    router = {"experts": num_experts, "hidden": routers[0].shape[1]} if routers else {}
+    router = {"experts": routers[0].shape[0], "hidden": routers[0].shape[1]} if routers else {}  # rows: E (+ skip or shared)
     report = {
         "backbone": _backbone(model, arch, source),
         "method": method,
@@ -64,7 +64,7 @@ def budget(
             **flop_figures(plan, counts, rank),
             **comparison_figures(counts, base),
         },
-        "notes": notes(plan, counts, rank, hot_k, profile is not None, router),
+        "notes": notes(plan, counts, rank, hot_k, profile is not None, router) + _left_out_notes(arch, plan),
     }
     if memory is not None:
         report["memory"] = memory_report(model, plan, shares, memory, sites)
@@ -98,6 +98,8 @@ def _settings(plan: AdapterPlan, rank: int, hot_k: int) -> dict:
         "expert_adapter": plan.expert_adapter,
         "policy": plan.policy,
     }
+    if plan.mixer_projections:  # a hybrid decoder: the projections adapted per layer type (the mixer's class)
+        settings["mixer_projections"] = dict(plan.mixer_projections)
     if plan.method in HOT_K_METHODS:
         settings["hot_k"] = hot_k
     if plan.lori is not None:
@@ -107,6 +109,13 @@ def _settings(plan: AdapterPlan, rank: int, hot_k: int) -> dict:
         spec = plan.dynamic_rank
         settings["dynamic_rank"] = {"rank_init": spec.rank_init, "rank_max": spec.rank_max, "budget": spec.budget}
     return settings
+
+
+def _left_out_notes(arch, plan: AdapterPlan) -> list[str]:
+    """Which mixer projections detection left without an adapter, and why (never silently)."""
+    if not arch.left_out or not plan.attention_modules:
+        return []
+    return [f"Not adapted ({arch.name}): " + "; ".join(arch.left_out) + "."]
 
 
 def _routing(profile: RoutingProfile | None, profile_path: str | None, num_experts: int, adapted: float) -> dict:

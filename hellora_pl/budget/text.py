@@ -26,6 +26,14 @@ def _names(names: list[str]) -> str:
     return ",".join(names) if names else "none"
 
 
+def _attention(settings: dict) -> str:
+    """The adapted attention projections; per layer type (mixer class) for a hybrid decoder."""
+    per_type = settings.get("mixer_projections") or {}
+    if not per_type:
+        return _names(settings["attention_modules"])
+    return " | ".join(f"{kind} {_names(names)}" for kind, names in per_type.items())
+
+
 def format_text(report: dict) -> str:
     """The report as aligned text: the backbone and method, then one line per figure with how it is counted."""
     b, s = report["backbone"], report["settings"]
@@ -41,7 +49,7 @@ def format_text(report: dict) -> str:
         f"{b['num_experts']} experts, top-{b['top_k']}; expert matrices "
         + ", ".join(f"{n} {s_[0]}x{s_[1]}" for n, s_ in b["expert_shapes"].items()),
         f"  method     {report['summary']}",
-        f"  adapters   rank {s['rank']} (alpha {s['alpha']:g}); attention {_names(s['attention_modules'])}; "
+        f"  adapters   rank {s['rank']} (alpha {s['alpha']:g}); attention {_attention(s)}; "
         f"router {'rank ' + str(s['router_rank']) if s['router_rank'] is not None else 'frozen'}; "
         f"shared experts {_names(s['shared_expert_modules'])}; experts {_names(s['expert_modules'])} "
         f"({s['expert_adapter']}) on {per_layer} per MoE layer, {adapted['total']} in all",
