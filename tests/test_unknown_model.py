@@ -1,11 +1,13 @@
 """A model type hellora_pl has no description of is refused at load, on every path (Python API, the
 fit CLI, budget --config/--model), with one message: what is missing and how to describe a new family
-(issue: gpt-oss stopped with "Unknown model_type" and no word on how to add it)."""
+(issue: gpt-oss stopped with "Unknown model_type" and no word on how to add it). The unknown model here
+is a dense Llama: MoE families are now detected from the model built on meta, so a dense one is the type
+that stays unknown whatever detection learns (tests/test_detected_loading.py: refusals with a reason)."""
 
 from __future__ import annotations
 
 import pytest
-from transformers import GptOssConfig
+from transformers import LlamaConfig
 
 from conftest import REPO
 from hellora_pl import BackboneConfig, load_backbone
@@ -18,7 +20,7 @@ QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 
 def assert_says_how_to_describe_it(text: str) -> None:
     flat = " ".join(text.split())
-    assert "Unknown model_type 'gpt_oss'" in flat
+    assert "Unknown model_type 'llama'" in flat
     assert "hellora_pl supports" in flat and "olmoe" in flat  # what is known
     assert "no description of where this family's decoder layers, attention, routers and experts live" in flat
     assert "hellora_pl.backbones.MoEArchitecture(...)" in flat and "hellora_pl.backbones.register_architecture" in flat
@@ -27,19 +29,19 @@ def assert_says_how_to_describe_it(text: str) -> None:
 
 @pytest.fixture
 def gpt_oss_dir(tmp_path):
-    """A tiny gpt-oss config.json (a real transformers MoE type hellora_pl does not describe), offline."""
-    config = GptOssConfig(
+    """A tiny dense Llama config.json (a real transformers type with no experts: never adaptable), offline."""
+    config = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        num_key_value_heads=1, head_dim=16,
     )  # fmt: skip
-    folder = tmp_path / "gpt_oss_tiny"
+    folder = tmp_path / "llama_tiny"
     config.save_pretrained(folder)
     return folder
 
 
 def test_python_api_from_config_and_from_a_folder(gpt_oss_dir):
     with pytest.raises(UnsupportedArchitectureError) as from_config:
-        load_backbone(BackboneConfig(model_type="gpt_oss", config={"num_hidden_layers": 2}))
+        load_backbone(BackboneConfig(model_type="llama", config={"num_hidden_layers": 2}))
     assert_says_how_to_describe_it(str(from_config.value))
     with pytest.raises(UnsupportedArchitectureError) as from_folder:
         load_backbone(BackboneConfig(pretrained=str(gpt_oss_dir)))
@@ -64,7 +66,7 @@ def refused_fit(args, capfd, tmp_path, monkeypatch) -> str:
 @pytest.mark.parametrize("source", ["model_type", "pretrained"])
 def test_fit_cli_exits_2_with_the_message(source, gpt_oss_dir, capfd, tmp_path, monkeypatch):
     if source == "model_type":
-        args = ["--model.backbone.model_type", "gpt_oss"]
+        args = ["--model.backbone.model_type", "llama"]
     else:
         args = ["--model.backbone.model_type", "null", "--model.backbone.pretrained", str(gpt_oss_dir),
                 "--model.backbone.config", "{}"]  # fmt: skip

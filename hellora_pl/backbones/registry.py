@@ -13,7 +13,11 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {}
 
 
 class UnsupportedArchitectureError(ValueError):
-    pass
+    """No description of a model type; `detection` is why detecting it from the model failed, if it was tried."""
+
+    def __init__(self, message: str, detection: str | None = None):
+        super().__init__(message)
+        self.detection = detection
 
 
 def register_architecture(arch: MoEArchitecture) -> MoEArchitecture:
@@ -47,7 +51,8 @@ def unsupported_model_type_message(model_type, source: str | None = None, detect
 
 
 def check_model_type(model_type, source: str | None = None) -> None:
-    """Refuse a model type with no registered description (UnsupportedArchitectureError)."""
+    """Refuse a model type with no registered description (UnsupportedArchitectureError). Only for
+    what must be registered (no model to detect from); a config goes through `meta.meta_architecture`."""
     if model_type not in ARCHITECTURES:
         raise UnsupportedArchitectureError(unsupported_model_type_message(model_type, source))
 
@@ -55,10 +60,12 @@ def check_model_type(model_type, source: str | None = None) -> None:
 _DETECTED: weakref.WeakKeyDictionary[nn.Module, MoEArchitecture] = weakref.WeakKeyDictionary()
 
 
-def architecture_for(model_or_config) -> MoEArchitecture:
+def architecture_for(model_or_config, source: str | None = None) -> MoEArchitecture:
     """The description for a model or config: the registered one first, else (for a built model)
     the one detected from it (`detect.detect_architecture`, cached per model), else an error that
-    lists what is supported and, where detection refused the model, why."""
+    lists what is supported and, where detection refused the model, why (`source`: where the model
+    came from, for that message). A config alone knows only registered types: for the others build
+    the model on meta first (`backbones.meta.meta_architecture`)."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type in ARCHITECTURES:
@@ -70,9 +77,9 @@ def architecture_for(model_or_config) -> MoEArchitecture:
             arch = detect_architecture(model_or_config)
         except DetectionRefused as refused:
             raise UnsupportedArchitectureError(
-                unsupported_model_type_message(model_type, detection=refused.reason)
+                unsupported_model_type_message(model_type, source, detection=refused.reason), refused.reason
             ) from None
         if arch is not None:
             _DETECTED[model_or_config] = arch
             return arch
-    raise UnsupportedArchitectureError(unsupported_model_type_message(model_type))
+    raise UnsupportedArchitectureError(unsupported_model_type_message(model_type, source))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..backbones.registry import check_model_type
+from ..backbones.registry import ARCHITECTURES, check_model_type
 from ..backbones.shapes import SHAPES, shape_config
 
 
@@ -71,9 +71,14 @@ def _hub_config(model: str):
 
 
 def _check_model_type(model_type, where: str) -> None:
+    """A type transformers does not ship is refused here; the others are detected from the model
+    built on meta (budget.cli.run), so a detected family needs no description."""
+    from transformers import CONFIG_MAPPING
+
     if model_type is None:
         raise ValueError(f"{where!r} has no model_type field; give a transformers config.json.")
-    check_model_type(model_type, where)
+    if model_type not in CONFIG_MAPPING and model_type not in ARCHITECTURES:
+        check_model_type(model_type, where)
 
 
 def one_line(exc: BaseException, limit: int | None = None) -> str:

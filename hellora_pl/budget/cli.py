@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..adapters import METHODS
-from ..backbones import architecture_for
+from ..backbones.meta import meta_architecture
 from ..backbones.shapes import SHAPES, meta_model, usable_shapes
 from ..memory import QUANTIZATIONS, MemorySettings
 from .backbone import load_config, one_line
@@ -77,7 +77,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     config, source = load_config(args.shape, args.config, args.model)
-    architecture_for(config)
+    meta_architecture(config, source)  # registered or detected; refused by name otherwise
     model = meta_model(config)
     profile = read_profile(args.profile) if args.profile is not None else None
     return budget(
