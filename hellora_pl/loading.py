@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .backbones import DTYPES, BackboneConfig, architecture_for, supported_model_types
+from .backbones import DTYPES, BackboneConfig, supported_model_types
+from .backbones.meta import meta_architecture
 from .backbones.registry import check_model_type
 from .quant import check_quantization, quantize_model
 from .quant.loading import load_quantized
+from .quant.mxfp4 import MXFP4, dequantizing_config, quant_method
 
 __all__ = ["BackboneConfig", "load_backbone"]
 
@@ -39,15 +41,24 @@ def load_backbone(cfg: BackboneConfig) -> PreTrainedModel:
 
 
 def _from_config(cfg: BackboneConfig, dtype: torch.dtype) -> PreTrainedModel:
-    check_model_type(cfg.model_type)
-    config = AutoConfig.for_model(cfg.model_type, **cfg.config)
-    arch = architecture_for(config)
+    config = _config_for(cfg.model_type, cfg.config)
+    arch = meta_architecture(config)  # registered, or detected from the model built on meta: refused before allocating
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, attn_implementation=cfg.attn_implementation, **_experts_kwargs(cfg, arch)
         )
     return model
+
+
+def _config_for(model_type: str, fields: dict):
+    """The transformers config of `model_type` with `fields`; a type transformers does not know is the
+    unknown-model refusal (it could only be described, not built from a config)."""
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        check_model_type(model_type)  # registered types with their own config class pass (tiny_deepseek_moe)
+    return AutoConfig.for_model(model_type, **fields)
 
 
 def _experts_kwargs(cfg: BackboneConfig, arch) -> dict:
@@ -63,8 +74,8 @@ def _from_pretrained(cfg: BackboneConfig, dtype: torch.dtype, quantize: bool) ->
     config = AutoConfig.from_pretrained(
         source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **cfg.config
     )
-    check_model_type(getattr(config, "model_type", None), source)
-    arch = architecture_for(config)
+    # Registered, or detected from the model built on meta: refused before any weight is read.
+    arch = meta_architecture(config, source, trust_remote_code=cfg.trust_remote_code)
     kwargs = dict(
         config=config,
         dtype=dtype,
@@ -73,18 +84,18 @@ def _from_pretrained(cfg: BackboneConfig, dtype: torch.dtype, quantize: bool) ->
         trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision,
     )
+    method = quant_method(getattr(config, "quantization_config", None))
+    if method == MXFP4:  # gpt-oss as published: its experts dequantized while loading (quant.mxfp4)
+        if quantize:  # hellora's NF4 quantizer dequantizes them itself, then quantizes each tensor
+            del config.quantization_config
+            return load_quantized(source, cfg.quantization, source_format=MXFP4, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source, quantization_config=dequantizing_config(), **kwargs)
     if quantize:
-        if getattr(config, "quantization_config", None):
-            method = _quant_method(config.quantization_config)
+        if method is not None:
             raise ValueError(
-                f"{source!r} is already quantized ({method}); hellora_pl quantizes a 16-bit checkpoint itself. "
-                "Give the 16-bit checkpoint, or set quantization to null."
+                f"{source!r} is already quantized ({method}); hellora_pl quantizes a 16-bit checkpoint itself "
+                f"(or an {MXFP4} one, which it dequantizes first). Give the 16-bit checkpoint, or set quantization "
+                "to null."
             )
         return load_quantized(source, cfg.quantization, **kwargs)
     return AutoModelForCausalLM.from_pretrained(source, **kwargs)
-
-
-def _quant_method(quantization_config) -> str:
-    if isinstance(quantization_config, dict):
-        return str(quantization_config.get("quant_method"))
-    return str(getattr(quantization_config, "quant_method", quantization_config))

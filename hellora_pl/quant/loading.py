@@ -9,6 +9,10 @@ The quantizer keeps the NF4 copy, gives transformers an empty placeholder to set
 the NF4 weights once loading is done, through the same `quantize_model` that quantizes a model
 built from a config. On-the-fly quantization also makes transformers load synchronously, so host
 memory peaks near the 4-bit model plus one fused tensor in 16 bits.
+
+An MXFP4 checkpoint (gpt-oss as published, `source_format="mxfp4"`) loads the same way: each expert
+tensor's conversion first dequantizes its MXFP4 blocks and scales (`quant.mxfp4`), then hands the
+dense tensor to the NF4 step, so it is never held dense in the model either.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .model import quantization_targets, quantize_model
+from .mxfp4 import MXFP4, dequantizing_converters
 from .nf4 import BLOCKSIZE, QUANTIZATIONS, NF4Weight, check_quantization
 
 QUANT_METHOD = "hellora_nf4"
@@ -29,14 +34,20 @@ QUANT_METHOD = "hellora_nf4"
 
 @register_quantization_config(QUANT_METHOD)
 class HelloraNF4Config(QuantizationConfigMixin):
-    """`quantization` is "nf4" or "nf4-dq" (absmax double-quantized); `blocksize` values share one absmax."""
+    """`quantization` is "nf4" or "nf4-dq" (absmax double-quantized); `blocksize` values share one absmax;
+    `source_format` "mxfp4" for a checkpoint whose experts are MXFP4 (dequantized, then quantized)."""
 
-    def __init__(self, quantization: str = "nf4", blocksize: int = BLOCKSIZE, **kwargs: Any):
+    def __init__(
+        self, quantization: str = "nf4", blocksize: int = BLOCKSIZE, source_format: str | None = None, **kwargs: Any
+    ):
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"Unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}.")
+        if source_format not in (None, MXFP4):
+            raise ValueError(f"Unknown source_format {source_format!r}; hellora_pl reads None (16-bit) or {MXFP4!r}.")
         self.quant_method = QUANT_METHOD
         self.quantization = quantization
         self.blocksize = blocksize
+        self.source_format = source_format
 
 
 class _QuantizeOnLoad(ConversionOps):
@@ -63,13 +74,16 @@ class HelloraNF4Quantizer(HfQuantizer):
     def __init__(self, quantization_config: HelloraNF4Config, **kwargs: Any):
         super().__init__(quantization_config, **kwargs)
         self.roles: dict[str, str] = {}
+        self.transposed: set[str] = set()  # expert tensors stored [E, in, out]: NF4 holds their transpose
         self.quantized: dict[str, NF4Weight] = {}
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         check_quantization(self.quantization_config.quantization)  # bitsandbytes present
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
-        self.roles = {target.name: target.role for target in quantization_targets(model)}
+        targets = quantization_targets(model)
+        self.roles = {target.name: target.role for target in targets}
+        self.transposed = {target.name for target in targets if target.transposed}
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
         return param_name in self.roles
@@ -77,10 +91,15 @@ class HelloraNF4Quantizer(HfQuantizer):
     def get_quantize_ops(self) -> ConversionOps:
         return _QuantizeOnLoad(self)
 
+    def get_weight_conversions(self) -> list:
+        """MXFP4 sources: dequantize each expert tensor's blocks and scales first (the NF4 step follows)."""
+        return dequantizing_converters(self) if self.quantization_config.source_format == MXFP4 else []
+
     def quantize(self, name: str, dense: torch.Tensor) -> None:
         config = self.quantization_config
         double_quant = config.quantization == "nf4-dq"
-        self.quantized[name] = NF4Weight(dense, double_quant, config.blocksize, self.roles[name])
+        logical = dense.transpose(-2, -1) if name in self.transposed else dense
+        self.quantized[name] = NF4Weight(logical, double_quant, config.blocksize, self.roles[name])
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         missing = sorted(set(self.roles) - set(self.quantized))
@@ -102,8 +121,14 @@ class HelloraNF4Quantizer(HfQuantizer):
         return True
 
 
-def load_quantized(source: str, quantization: str, **from_pretrained_kwargs: Any) -> PreTrainedModel:
-    """`AutoModelForCausalLM.from_pretrained(source, ...)` with the base quantized to NF4 tensor by tensor."""
+def load_quantized(
+    source: str, quantization: str, source_format: str | None = None, **from_pretrained_kwargs: Any
+) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(source, ...)` with the base quantized to NF4 tensor by tensor.
+
+    `source_format="mxfp4"`: the checkpoint's experts are MXFP4 (the `config` passed must then carry
+    no quantization config of its own, or transformers would use that one instead).
+    """
     check_quantization(quantization)
-    config = HelloraNF4Config(quantization=quantization)
+    config = HelloraNF4Config(quantization=quantization, source_format=source_format)
     return AutoModelForCausalLM.from_pretrained(source, quantization_config=config, **from_pretrained_kwargs)

@@ -1,14 +1,22 @@
 """Quantize an MoE causal LM's base to NF4 in place, and report what the quantized tensors hold.
 
 What is quantized: attention projections, shared-expert linears, routers and fused expert
-tensors (the bulk of an MoE). Embeddings, norms and the LM head stay 16-bit, as in QLoRA.
-Adapters injected afterwards are ordinary bf16/fp32 tensors on top.
+tensors (the bulk of an MoE; gated or ungated, with or without a post-expert norm; expert biases stay
+dense). Embeddings, norms and the LM head stay 16-bit, as in QLoRA. Adapters injected afterwards are
+ordinary bf16/fp32 tensors on top.
+
+Transposed experts (transformers' `is_transposed`, [E, in, out]: gpt_oss, aria) are quantized in the
+logical [E, out, in] orientation, so the NF4 expert path reads them like any other stack; once both
+projections are NF4 the experts module's `is_transposed` is set to False, since that flag describes
+how the module stores its tensors and the storage is now [E, out, in]. Interleaved gate/up rows keep
+their order (the transpose moves no row), so the experts' own `_apply_gate` still reads them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -34,6 +42,11 @@ class QuantTarget:
     attr: str
     kind: str
     role: str
+    transposed: bool = False  # a fused experts tensor stored [E, in, out]: quantized as its transpose
+
+    def logical(self, dense: torch.Tensor) -> torch.Tensor:
+        """`dense` as stored, in the orientation NF4 storage holds ([E, out, in] for experts); a view."""
+        return dense.transpose(-2, -1) if self.transposed else dense
 
 
 def quantization_targets(model: nn.Module) -> list[QuantTarget]:
@@ -51,11 +64,11 @@ def quantization_targets(model: nn.Module) -> list[QuantTarget]:
     moe_by_layer = {moe.index: moe for moe in arch.moe_layers(model)}
     targets: list[QuantTarget] = []
 
-    def add(owner: nn.Module, attr: str, kind: str, role: str) -> None:
+    def add(owner: nn.Module, attr: str, kind: str, role: str, transposed: bool = False) -> None:
         tensor_owner = getattr(owner, attr) if kind == "linear" else owner
         tensor_attr = "weight" if kind in ("linear", "router") else attr
         name = f"{module_names[id(tensor_owner)]}.{tensor_attr}"
-        targets.append(QuantTarget(name, owner, attr, kind, role))
+        targets.append(QuantTarget(name, owner, attr, kind, role, transposed))
 
     def add_linears(parent: nn.Module, names, role: str) -> None:
         for name in names:
@@ -63,23 +76,25 @@ def quantization_targets(model: nn.Module) -> list[QuantTarget]:
                 add(parent, name, "linear", role)
 
     for index, layer in enumerate(arch.decoder_layers(model)):
-        add_linears(arch.attention_module(layer), arch.attention_projections, "attention")
+        mixer = arch.layer_mixer(layer)  # each layer type's own projections (hybrid decoders)
+        if mixer is not None:
+            add_linears(layer.get_submodule(mixer[0]), mixer[1], "attention")
         moe = moe_by_layer.get(index)
         if moe is None:
             continue
         if moe.shared is not None:
             add_linears(moe.shared, arch.shared_expert_projections, "shared_experts")
-        if isinstance(moe.router, nn.Linear):
-            add(moe.block, arch.router, "linear", "router")
+        if isinstance(moe.router, nn.Linear):  # at a dotted path in the block too (gemma4: router.proj)
+            parent, _, leaf = arch.router.rpartition(".")
+            add(moe.block.get_submodule(parent), leaf, "linear", "router")
         else:
             add(moe.router, "weight", "router", "router")
-        if getattr(moe.experts, "has_bias", False) or getattr(moe.experts, "is_transposed", False):
-            raise NotImplementedError(
-                f"{type(moe.experts).__name__} stores biased or transposed expert weights, which NF4 experts "
-                "do not handle yet. Set quantization to null for this model."
-            )
+        # Biases stay dense; ungated and post-norm experts quantize as is; transposed ones as their transpose.
+        # The flag itself, not ExpertLayout.of: after loading with on-the-fly quantization the expert
+        # tensors are empty placeholders, which the layout's shape checks (rightly) refuse.
+        transposed = bool(getattr(moe.experts, "is_transposed", False))
         for name in arch.expert_projections:
-            add(moe.experts, name, "experts", "experts")
+            add(moe.experts, name, "experts", "experts", transposed)
     return targets
 
 
@@ -109,18 +124,21 @@ def quantize_model(
     double_quant = quantization == "nf4-dq"
     prequantized = dict(prequantized or {})
     before = after = 0
-    for target in quantization_targets(model):
+    targets = quantization_targets(model)
+    for target in targets:
         if target.kind == "router" and parametrize.is_parametrized(target.owner, "weight"):
             raise RuntimeError("Quantize the model before injecting adapters: this router is already parametrized.")
         dense = _dense_tensor(target)
         quantized = prequantized.pop(target.name, None)
         if quantized is None:
-            quantized = NF4Weight(dense, double_quant, blocksize, target.role)
+            quantized = NF4Weight(target.logical(dense), double_quant, blocksize, target.role)
         before += quantized.numel() * quantized.dtype.itemsize
         after += quantized.nbytes()
         _install(target, quantized, dense)
     if prequantized:
         raise RuntimeError(f"Quantized weights without a place in the model: {sorted(prequantized)[:5]}")
+    for experts in {id(t.owner): t.owner for t in targets if t.transposed}.values():
+        experts.is_transposed = False  # its NF4 stacks hold [E, out, in] (see the module docstring)
 
     use_adapted_experts(model, "auto")
     setattr(model, QUANTIZED_ATTR, quantization)

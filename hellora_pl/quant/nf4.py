@@ -83,16 +83,23 @@ def _quantize_in_chunks(weight: torch.Tensor, blocksize: int) -> tuple[torch.Ten
     bitsandbytes' CPU kernel holds about 7x its input in temporaries; chunks whole blocks at a
     time give the same codes with that overhead bounded by one chunk instead of a fused expert
     tensor (7x 1.9 GB for one Mixtral-8x7B layer's gate_up).
+
+    A non-contiguous stack (the transpose of gpt_oss's [E, in, out] experts) is read one matrix
+    at a time, so the contiguous copy it needs is one expert's, not the whole stack's; blocks never
+    straddle two matrices, so the codes are the same.
     """
-    flat = weight.reshape(-1)
+    matrices = [weight] if weight.is_contiguous() or weight.ndim < 3 else list(weight)
     step = max(CHUNK_VALUES // blocksize, 1) * blocksize
     packed, absmax = [], []
-    for start in range(0, flat.numel(), step):
-        codes, state = _functional().quantize_4bit(
-            flat[start : start + step].contiguous(), blocksize=blocksize, compress_statistics=False, quant_type="nf4"
-        )
-        packed.append(codes.reshape(-1))
-        absmax.append(state.absmax.float())
+    for matrix in matrices:
+        flat = matrix.reshape(-1)
+        for start in range(0, flat.numel(), step):
+            chunk = flat[start : start + step].contiguous()
+            codes, state = _functional().quantize_4bit(
+                chunk, blocksize=blocksize, compress_statistics=False, quant_type="nf4"
+            )
+            packed.append(codes.reshape(-1))
+            absmax.append(state.absmax.float())
     return torch.cat(packed), torch.cat(absmax)
 
 
