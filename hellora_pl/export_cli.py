@@ -1,4 +1,5 @@
-"""`python -m hellora_pl export`: a fit's adapters out as a PEFT LoRA adapter or a merged transformers model.
+"""`python -m hellora_pl export`: a fit's adapters out as a PEFT LoRA adapter (3D or vLLM's per-expert layout)
+or a merged transformers model.
 
 Every argument is checked before any model is loaded, and the export is written into a
 temporary folder beside `--out` that is renamed to `--out` only when complete, so a refused or
@@ -31,13 +32,17 @@ from .export_sources import (
     read_checkpoint,
 )
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "vllm", "merged")
+LORA_FORMATS = ("peft", "vllm")  # LoRA adapters: no full-rank deltas, no other trained tensors
 
 DESCRIPTION = """\
 Export a hellora_pl fit's adapters for use without hellora_pl.
 
   --format peft    a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors):
                    PeftModel.from_pretrained(base, OUT) on the same base model.
+  --format vllm    a LoRA adapter in the per-expert layout vLLM loads for MoE models
+                   (experts.{e}.gate_proj/up_proj/down_proj, every expert, cold ones zero):
+                   vllm serve BASE --enable-lora --lora-modules NAME=OUT.
   --format merged  the adapters merged into the base weights, saved with save_pretrained:
                    AutoModelForCausalLM.from_pretrained(OUT).
 
@@ -80,7 +85,12 @@ def parser() -> argparse.ArgumentParser:
         help="hub id or local directory of the base model, instead of the training backbone's source "
         "(e.g. a local copy of the model the run trained on)",
     )
-    p.add_argument("--format", required=True, choices=FORMATS, help="peft: a PEFT LoRA adapter; merged: a merged model")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="peft: a PEFT LoRA adapter; vllm: a LoRA adapter in vLLM's per-expert MoE layout; merged: a merged model",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder: must not exist, or be empty")
     p.add_argument(
         "--dtype",
@@ -147,7 +157,7 @@ def checked(args: argparse.Namespace) -> Request:
             )
     if request.dtype is not None and request.format != "merged":
         raise ExportError(
-            f"--dtype {request.dtype} applies to --format merged only; a PEFT adapter keeps the adapters' own dtype "
+            f"--dtype {request.dtype} applies to --format merged only; a LoRA adapter keeps the adapters' own dtype "
             "(the plan's adapter_dtype). Drop --dtype."
         )
     out = request.out
@@ -170,10 +180,10 @@ def read_source(request: Request) -> ExportSource:
     if request.pretrained is not None and source.backbone.pretrained != request.pretrained:
         overrides = source.backbone.config if source.backbone.pretrained is not None else {}
         source.backbone = replace(source.backbone, pretrained=request.pretrained, model_type=None, config=overrides)
-    if request.format == "peft" and source.plan.expert_adapter == "full":
+    if request.format in LORA_FORMATS and source.plan.expert_adapter == "full":
         raise ExportError(
             f"The {source.plan.method!r} plan of {source.origin} holds full-rank expert deltas, which are not LoRA "
-            "and cannot be written as a PEFT LoRA adapter; use --format merged."
+            f"and cannot be written as a LoRA adapter (--format {request.format}); use --format merged."
         )
     return source
 
@@ -182,10 +192,10 @@ def export(request: Request, source: ExportSource, adapted: AdaptedModel) -> lis
     """Write the export into a temporary folder beside --out, then rename it to --out; the lines to print."""
     from .adapters import export_merged, export_peft, merge_adapters
 
-    if request.format == "peft" and adapted.trained:
+    if request.format in LORA_FORMATS and adapted.trained:
         raise ExportError(
-            f"{source.origin} holds trained tensors outside the adapters ({_names(adapted.trained)}), which a PEFT "
-            "LoRA adapter cannot carry; use --format merged."
+            f"{source.origin} holds trained tensors outside the adapters ({_names(adapted.trained)}), which a LoRA "
+            "adapter cannot carry; use --format merged."
         )
     out = request.out.resolve()
     created = [folder for folder in reversed(out.parents) if not folder.exists()]  # removed again on failure
@@ -196,6 +206,11 @@ def export(request: Request, source: ExportSource, adapted: AdaptedModel) -> lis
         if request.format == "peft":
             base_name = source.backbone.pretrained
             export_peft(adapted.model, source.plan, staging, base_model_name_or_path=base_name, overwrite=True)
+        elif request.format == "vllm":
+            from .adapters.export_vllm import export_vllm
+
+            base_name = source.backbone.pretrained
+            export_vllm(adapted.model, source.plan, staging, base_model_name_or_path=base_name, overwrite=True)
         else:
             implementation = source.backbone.experts_implementation
             merge_adapters(adapted.model, experts_implementation=implementation, plan=source.plan)
@@ -236,6 +251,11 @@ def report(request: Request, source: ExportSource, adapted: AdaptedModel, out: P
             f" (the run trained {plan.trainable_params:,}; PEFT holds every expert of an adapted projection, "
             "cold experts and unused rank slices as zeros)"
         )
+    elif request.format == "vllm":
+        lines[-1] += (
+            f" (the run trained {plan.trainable_params:,}; vLLM needs every expert of an adapted layer, "
+            "cold experts and unused rank slices as zeros)"
+        )
     if adapted.trained:
         count, names = len(adapted.trained), _names(adapted.trained)
         lines.append(f"[hellora]   merged in {count} trained tensors from the checkpoint's state_dict: {names}")
@@ -251,6 +271,10 @@ def report(request: Request, source: ExportSource, adapted: AdaptedModel, out: P
             *_base_loader(source),
             f"    model = PeftModel.from_pretrained(base, {str(out)!r})",
         ]
+    elif request.format == "vllm":
+        rank = _adapter_rank(out)
+        base = source.backbone.pretrained or "BASE"
+        lines.append(f"    vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules hellora={out}")
     else:
         lines += [
             "    from transformers import AutoModelForCausalLM",
@@ -273,6 +297,17 @@ def _base_loader(source: ExportSource) -> list[str]:
         "    import hellora_pl  # the base as the run built it",
         f"    base = hellora_pl.load_backbone(hellora_pl.{backbone!r})",
     ]
+
+
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py MaxLoRARanks (vllm 0.33)
+
+
+def _adapter_rank(out: Path) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds the exported adapter_config.json's r."""
+    import json
+
+    rank = int(json.loads((out / "adapter_config.json").read_text())["r"])
+    return next((allowed for allowed in VLLM_MAX_LORA_RANKS if allowed >= rank), rank)
 
 
 def _names(names: list[str]) -> str:

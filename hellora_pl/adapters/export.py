@@ -7,8 +7,9 @@ function as the injected model. PEFT's layout, checked numerically in tests/test
 - nn.Linear targets (attention, shared experts, the experts of an nn.ModuleList layout) go through
   `target_modules`, by full module name: `<module>.lora_A.weight` [r, in], `<module>.lora_B.weight`
   [out, r].
-- Fused experts ([E, out, in] tensors) go through `target_parameters`
-  (`<experts>.gate_up_proj`, `<experts>.down_proj`). PEFT always adapts all E experts:
+- Fused experts ([E, out, in] tensors, or [E, in, out] with `is_transposed`, which PEFT reads too)
+  go through `target_parameters` (`<experts>.gate_up_proj` or `up_proj`, `<experts>.down_proj`).
+  A and B are in the logical (out, in) orientation either way. PEFT always adapts all E experts:
   `lora_A.weight` is [r*E, in] and views as (E, r, in), expert slowest; `lora_B.weight` is
   [out, r*E] and views as (out, r, E), expert fastest. Several targets on one experts module nest
   in the order the module registers its parameters (not the order listed): the first registered
@@ -171,11 +172,9 @@ def _collect_adapters(model: nn.Module, found: list) -> _CollectedAdapters:
         elif site.kind != "routed_expert":  # attention and shared-expert linears
             collected.linears[site.path] = (adapter.lora_A.detach(), (adapter.scale * adapter.effective_B()).detach())
             collected.ranks.append(adapter.rank)
-        elif fused_layout:  # [E, out, in] parameters: one PEFT target parameter per projection
-            if getattr(model.get_submodule(site.module), "is_transposed", False):
-                raise NotImplementedError(
-                    f"{site.module} stores experts as [E, in, out] (is_transposed); export supports [E, out, in]."
-                )
+        elif fused_layout:  # 3D parameters: one PEFT target parameter per projection
+            # Transposed [E, in, out] storage needs nothing else: PEFT's ParamWrapper reads the module's
+            # is_transposed and builds the stored-orientation delta from the same A [R*E, in], B [out, R*E].
             collected.fused[site.module] = adapter
             collected.ranks.append(_expert_rank_in_use(adapter))
         else:  # nn.ModuleList: each hot expert's nn.Linear, by full name
