@@ -151,8 +151,8 @@ def trainer(run_dir: str, method: str, real: bool, backbone: str = "") -> dict:
     }  # fmt: skip
 
 
-def tiny_config(backbone: str, method: str, task: str) -> dict:
-    model_type, fields = TINY_CONFIGS[backbone]
+def tiny_config(backbone: str, method: str, task: str, spec: tuple[str, dict] | None = None) -> dict:
+    model_type, fields = spec or TINY_CONFIGS[backbone]
     run_dir = f"runs/tiny/{backbone}/{method}_{task}"
     return {
         "seed_everything": 0,
@@ -249,6 +249,132 @@ def qlora_files() -> dict[Path, str]:
     }
 
 
+# -- today's models (issue 15): hellora and lora x math, each with a tiny twin of the same model_type --
+# Tiny twins: two layers of each family's own config class (the first dense where the real model's
+# is), 8 experts, top-2, and the family's layout (hybrid linear/full attention, transposed biased
+# experts with alternating sliding/full attention, a dense first layer with a sigmoid router).
+_OLMOE_ONLY = ("intermediate_size", "num_experts", "num_experts_per_tok")
+TWIN_COMMON = {k: v for k, v in TINY_CONFIGS["olmoe"][1].items() if k not in _OLMOE_ONLY}  # sizes, token ids, init
+TODAY_TWINS: dict[str, tuple[str, dict]] = {
+    "qwen3_5_moe": ("qwen3_5_moe_text", {
+        **TWIN_COMMON, "intermediate_size": 48, "moe_intermediate_size": 24,
+        "shared_expert_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2, "head_dim": 16,
+        "layer_types": ["linear_attention", "full_attention"], "full_attention_interval": 2,
+        "linear_conv_kernel_dim": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+        "linear_num_key_heads": 4, "linear_num_value_heads": 8,  # in_proj_a/b have 8 outputs: rank 8 fits
+    }),
+    "gpt_oss": ("gpt_oss", {
+        **TWIN_COMMON, "intermediate_size": 24, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "head_dim": 16, "attention_bias": True, "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 16,
+    }),
+    "glm4_moe": ("glm4_moe", {
+        **TWIN_COMMON, "intermediate_size": 48, "moe_intermediate_size": 24, "n_routed_experts": 8,
+        "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+        "head_dim": 16, "attention_bias": True, "partial_rotary_factor": 0.5, "norm_topk_prob": True,
+    }),
+}  # fmt: skip
+
+# Real checkpoint -> (its loading options, its twin family). The frozen base is stored in NF4 where the
+# budget tool says 16-bit weights do not fit one 80 GB GPU, and for gpt-oss-20b so that HELLoRA fits one
+# 24 GB GPU (its published MXFP4 experts are dequantized and quantized to NF4 tensor by tensor while loading).
+TODAY_BACKBONES = {
+    "qwen3.6-35b-a3b": ({"pretrained": "Qwen/Qwen3.6-35B-A3B", "quantization": "nf4"}, "qwen3_5_moe"),
+    "gpt-oss-20b": (
+        {"pretrained": "openai/gpt-oss-20b", "attn_implementation": "eager", "quantization": "nf4"}, "gpt_oss"
+    ),  # sinks: no SDPA
+    "glm-4.5-air": ({"pretrained": "zai-org/GLM-4.5-Air", "quantization": "nf4"}, "glm4_moe"),
+}
+# (batch size, gradient accumulation) where the default 4 x 4 does not fit the GPU a config is meant for:
+# gpt-oss-20b HELLoRA in NF4 predicts 23.22 GiB at batch 4 (a 24 GB GPU would keep under 1 GiB for the
+# CUDA context), 18.33 GiB at batch 2; accumulating 8 keeps 16 sequences per optimizer step.
+TODAY_BATCH = {"gpt-oss-20b": (2, 8)}
+DEFAULT_BATCH = (4, 4)
+TODAY_METHODS = ("hellora", "lora")
+TODAY_TASK = "math"
+
+# The budget tool's predicted peak for each real run (batch 4 x 1024 tokens, rank 32, gradient
+# checkpointing, as in the config), printed by the command in the config's header. Not yet measured on a GPU.
+BUDGET_COMMAND = (
+    "python -m hellora_pl.budget --shape {shape} --method {method} --rank 32 --memory{quant} "
+    "--batch-size {batch} --seq-len 1024 --gradient-checkpointing"
+)
+PREDICTED_PEAK = {
+    ("qwen3.6-35b-a3b", "hellora"): "33.08 GiB: one 40 GB GPU",
+    ("qwen3.6-35b-a3b", "lora"): "59.72 GiB: one 80 GB GPU",
+    ("gpt-oss-20b", "hellora"): "18.33 GiB: one 24 GB GPU",
+    ("gpt-oss-20b", "lora"): "22.95 GiB: one 32 GB GPU (a 24 GB one would keep about 1 GiB for the CUDA context)",
+    ("glm-4.5-air", "hellora"): "69.91 GiB: one 80 GB GPU",
+    ("glm-4.5-air", "lora"): "102.91 GiB: more than one 80 GB GPU holds (a 141 GB H200, or --fsdp 2)",
+}
+
+
+def budget_command(backbone: str, method: str) -> str:
+    """The budget command a real config's header cites: its shape, quantization and batch size."""
+    source, _twin = TODAY_BACKBONES[backbone]
+    quant = f" --quantization {source['quantization']}" if "quantization" in source else ""
+    batch, _accumulate = TODAY_BATCH.get(backbone, DEFAULT_BATCH)
+    return BUDGET_COMMAND.format(shape=backbone, method=method, quant=quant, batch=batch)
+
+
+def today_twin_config(family: str, method: str, task: str) -> dict:
+    model_type, fields = TODAY_TWINS[family]
+    body = tiny_config(family, method, task, (model_type, fields))
+    source = next(src for src, twin in TODAY_BACKBONES.values() if twin == family)
+    body["model"]["backbone"].update({k: v for k, v in source.items() if k != "pretrained"})  # the same options
+    return body
+
+
+def today_real_config(backbone: str, method: str, task: str) -> dict:
+    source, _twin = TODAY_BACKBONES[backbone]
+    run_dir = f"runs/{backbone}/{method}_{task}"
+    batch, accumulate = TODAY_BATCH.get(backbone, DEFAULT_BATCH)
+    body = {
+        "seed_everything": 0,
+        **method_groups(method, real=True, backbone=backbone),
+        "trainer": trainer(run_dir, method, real=True, backbone=backbone),
+        "model": {
+            "backbone": {**source, "dtype": "bfloat16"},
+            "learning_rate": 2e-4,
+            "warmup": 0.03,
+            "gradient_checkpointing": True,
+        },
+        "data": real_data(task, source["pretrained"]),
+    }
+    body["trainer"]["accumulate_grad_batches"] = accumulate
+    body["data"]["init_args"]["batch_size"] = batch
+    return body
+
+
+def today_files() -> dict[Path, str]:
+    files = {}
+    for backbone, (source, family) in TODAY_BACKBONES.items():
+        for method in TODAY_METHODS:
+            summary = METHOD_DEFAULTS[method].summary
+            real_path, twin_path = f"configs/{backbone}/{method}_{TODAY_TASK}.yaml", f"configs/tiny/{family}/{method}_{TODAY_TASK}.yaml"
+            command = budget_command(backbone, method)
+            header = (
+                f"# {backbone}, method {method} ({summary}), task {TODAY_TASK}. Needs a GPU and the data named below.\n"
+                f"# Memory: `{command}`\n"
+                f"# predicts a peak of {PREDICTED_PEAK[backbone, method]} (not yet measured on a GPU).\n"
+                f"# Written by configs/generate.py; edit that instead. Its tiny twin runs on CPU:\n#   {twin_path}\n"
+                f"#   python -m hellora_pl fit --config {real_path}\n"
+                f"#   python -m hellora_pl test --config {real_path} --ckpt_path <checkpoint>\n"
+            )
+            files[ROOT / backbone / f"{method}_{TODAY_TASK}.yaml"] = header + yaml.safe_dump(
+                today_real_config(backbone, method, TODAY_TASK), sort_keys=False
+            )
+            twin_header = (
+                f"# Tiny {family} twin of {backbone}, method {method} ({summary}), task {TODAY_TASK}: random weights,\n"
+                "# CPU, no network, the real config's options, small slices of the public data in <checkout>/../shared/data.\n"
+                f"# Written by configs/generate.py; edit that instead.\n#   python -m hellora_pl fit --config {twin_path}\n"
+            )
+            files[ROOT / "tiny" / family / f"{method}_{TODAY_TASK}.yaml"] = twin_header + yaml.safe_dump(
+                today_twin_config(family, method, TODAY_TASK), sort_keys=False
+            )
+    return files
+
+
 def expected_files() -> dict[Path, str]:
     files = {
         ROOT / "tiny" / backbone / f"{method}_{task}.yaml": render(backbone, method, task, real=False)
@@ -265,6 +391,7 @@ def expected_files() -> dict[Path, str]:
         }
     )
     files.update(qlora_files())
+    files.update(today_files())
     return files
 
 

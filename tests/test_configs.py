@@ -1,5 +1,6 @@
 """The config files: generated twins are up to date, and every tiny twin fits on CPU."""
 
+import json
 import subprocess
 import sys
 
@@ -20,9 +21,11 @@ def test_generated_configs_are_up_to_date():
         [sys.executable, str(REPO / "configs" / "generate.py"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert len(TINY) == 7 * 6 * 3 + 1  # backbone families x methods x tasks, and the 4-bit Mixtral twin
+    # backbone families x methods x tasks, the 4-bit Mixtral twin, and today's models' twins (3 families x 2 methods, math)
+    assert len(TINY) == 7 * 6 * 3 + 1 + 3 * 2
     generated = [path for path in REAL if path.parent.name != "fsdp"]  # configs/fsdp is written by hand
-    assert len(generated) == 5 * 6 * 3 + 1  # checkpoints x methods x tasks, and 4-bit Mixtral HELLoRA
+    # checkpoints x methods x tasks, 4-bit Mixtral HELLoRA, and today's models (3 checkpoints x hellora/lora, math)
+    assert len(generated) == 5 * 6 * 3 + 1 + 3 * 2
 
 
 @pytest.mark.parametrize("path", REAL, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -45,3 +48,28 @@ def test_tiny_twin_fits(tmp_path, path, shared_data, monkeypatch):
     assert injected_hot_experts(cli.model.model) == plan.hot_experts()
     assert (tmp_path / "hellora" / "version_0" / "hellora" / "plan.json").is_file()
     assert cli.trainer.global_step == 3
+
+
+def _generate_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("configs_generate", REPO / "configs" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GENERATE = _generate_module()
+
+
+@pytest.mark.parametrize("backbone, method", sorted(GENERATE.PREDICTED_PEAK), ids=lambda v: str(v))
+def test_memory_notes_of_todays_configs_are_the_budget_tools(backbone, method, capsys):
+    """The peak each real config's header cites is what its cited budget command prints now."""
+    from hellora_pl.budget.cli import main as budget
+
+    command = GENERATE.budget_command(backbone, method)
+    assert command in (REPO / "configs" / backbone / f"{method}_math.yaml").read_text()
+    budget([*command.split()[3:], "--json"])
+    total = json.loads(capsys.readouterr().out)["memory"]["figures"]["total"]
+    gib = GENERATE.PREDICTED_PEAK[backbone, method].split(" GiB")[0]
+    assert f"{total['value'] / 2**30:.2f}" == gib, total

@@ -16,15 +16,10 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, PretrainedConfig
 
-from .registry import UnsupportedArchitectureError, architecture_for
+from .meta import meta_architecture, meta_model
+from .registry import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
@@ -271,6 +266,7 @@ DEEPSEEK_MOE_16B = ModelShape(
 # layer), the rope block's mrope fields beyond rope_parameters, dtype fields.
 # Published: 35B total, 3B active (model card: "Language Model ... 35B in total and 3B
 # activated"; transformers docs/source/en/model_doc/qwen3_5_moe.md "35B total/3B active").
+# Precise: 34.7B, the text model of unsloth/Qwen3.5-35B-A3B-GGUF (ggml-org/Llama-macOS PR 63); 34.66B here.
 _QWEN3_5_35B_A3B_TEXT = {
     "vocab_size": 248320,
     "hidden_size": 2048,
@@ -446,6 +442,11 @@ GEMMA_4_26B_A4B = ModelShape(
 # untied, vocab 151552). Not recorded: num_nextn_predict_layers 1 (the hub checkpoint carries a
 # multi-token-prediction layer that transformers does not build), rope_scaling null.
 # Published: 106B total, 12B active (zai-org/GLM-4.5 README; GLM-4.5 report, arXiv 2508.06471).
+# What transformers builds from these fields: 106.85B. The hub checkpoint also holds the MTP block
+# (model.layers.46): one more MoE decoder layer (2.34B), eh_proj/enorm/hnorm (33.6M) and its own copies of
+# the embedding and output layer (1.24B), 110.47B in all. Precise public figure: llama.cpp's count of the
+# BF16 conversion with the MTP decoder layer, 109.194B (ikawrakow/ik_llama.cpp PR 668), which these fields
+# reproduce to its last digit (tests/test_shapes.py). The same rule gives GLM-4.5's hub count, 358.34B.
 GLM_4_5_AIR = ModelShape(
     name="glm-4.5-air",
     hub_id="zai-org/GLM-4.5-Air",
@@ -561,23 +562,29 @@ def shape_config(name: str, *, require_architecture: bool = True) -> PretrainedC
             f"are in SHAPES[{name!r}].config."
         )
     config = AutoConfig.for_model(shape.model_type, **copy.deepcopy(shape.config))
-    if require_architecture and not has_architecture(config):
-        multimodal = shape.multimodal_model_type
-        part = f"the text decoder of a {multimodal!r} checkpoint, " if multimodal else ""
-        raise UnsupportedArchitectureError(
-            f"Built-in shape {name!r} ({shape.hub_id}; {part}model_type {shape.model_type!r}) is recorded, but "
-            f"hellora_pl has no architecture for model_type {shape.model_type!r} yet; support for this family "
-            "is planned (issue 15). Until then, describe it with hellora_pl.backbones.MoEArchitecture and "
-            "register_architecture (ARCHITECTURE.md, 'Adding an architecture or expert layout'), or count its "
-            f"parameters with meta_model(shape_config({name!r}, require_architecture=False))."
-        )
+    if require_architecture:
+        try:
+            meta_architecture(config)  # registered, or detected from the model built on meta
+        except UnsupportedArchitectureError as unknown:
+            multimodal = shape.multimodal_model_type
+            part = f"the text decoder of a {multimodal!r} checkpoint, " if multimodal else ""
+            why = f" (detection refused it: {' '.join(unknown.detection.split())})" if unknown.detection else ""
+            raise UnsupportedArchitectureError(
+                f"Built-in shape {name!r} ({shape.hub_id}; {part}model_type {shape.model_type!r}) is recorded, but "
+                f"hellora_pl has no architecture for model_type {shape.model_type!r} yet{why}; support for this "
+                "family is planned (issue 15). Until then, describe it with hellora_pl.backbones.MoEArchitecture and "
+                "register_architecture (ARCHITECTURE.md, 'Adding an architecture or expert layout'), or count its "
+                f"parameters with meta_model(shape_config({name!r}, require_architecture=False)).",
+                unknown.detection,
+            ) from None
     return config
 
 
 def has_architecture(config: PretrainedConfig) -> bool:
-    """Whether hellora_pl can adapt a model of `config` (an architecture is known for it)."""
+    """Whether hellora_pl can adapt a model of `config` (an architecture is registered, or detected from
+    the model built on meta)."""
     try:
-        architecture_for(config)
+        meta_architecture(config)
     except UnsupportedArchitectureError:
         return False
     return True
@@ -591,12 +598,6 @@ def usable_shapes() -> list[str]:
         for name, shape in SHAPES.items()
         if not shape.remote_code and has_architecture(shape_config(name, require_architecture=False))
     ]
-
-
-def meta_model(config: PretrainedConfig) -> PreTrainedModel:
-    """Build the causal-LM model for `config` on the meta device: shapes only, no memory."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 __all__ = ["SHAPES", "ModelShape", "meta_model", "has_architecture", "shape_config", "usable_shapes"]
