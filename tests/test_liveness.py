@@ -1,5 +1,6 @@
 """The liveness guard (hellora_pl/adapters/liveness.py): healthy models pass untouched, and a dead
-expert adapter (Llama-4's eager experts), a post-expert norm the adapted path skips, and a fit whose
+expert adapter (Llama-4's eager experts), a post-expert norm the adapted path skips (one the experts
+do not declare; a declared one runs), and a fit whose
 experts path was reset stop with a message naming the site and the reason."""
 
 from __future__ import annotations
@@ -178,6 +179,26 @@ def test_a_post_expert_norm_runs_in_the_adapted_path_and_the_probe_passes(token_
     assert report.base_difference is not None and report.base_difference <= report.tolerance
 
 
+@use_experts_implementation()  # the norm is in its own forward, but not declared (has_post_expert_norm False)
+class UndeclaredPostNormExperts(PostNormExperts):
+    """A family whose eager forward applies a post-expert norm its interface flags do not declare: the
+    adapted path (which follows the flags) skips it, as hellora_pl once did for declared ones."""
+
+
+def test_a_post_expert_norm_the_adapted_path_skips_is_stopped(token_batch):
+    model = tiny_olmoe()
+    for layer in model.model.layers:
+        layer.mlp.experts = UndeclaredPostNormExperts(model.config, layer.mlp.experts)
+    assert not model.model.layers[0].mlp.experts.has_post_expert_norm
+    plan = resolve_method("lora", rank=4, alpha=8.0).build(model, None)
+    inject_adapters(model, plan, expert_kernel="torch")
+    with pytest.raises(DeadAdapterError) as raised:
+        check_liveness(model, token_batch)
+    message = " ".join(str(raised.value).split())
+    assert "with every adapter B (and delta) zeroed, the adapted model's logits differ from the model's own eager" in message
+    assert "training would fit a different model" in message and "Nothing was trained" in message
+
+
 # -- the fit: the guard runs on the first batch and stops before the optimizer's first step ----------
 
 
@@ -219,3 +240,22 @@ def test_a_healthy_fit_runs_the_guard_and_switching_it_off_warns(tmp_path):
 
 def tiny_olmoe_config():
     return BackboneConfig(model_type="olmoe", config=dict(TINY_OLMOE))
+
+
+def test_a_router_whose_routing_gives_its_weight_no_gradient_is_reported_not_stopped():
+    """PhiMoE's sparsemixer passes no gradient to the router weight when one expert survives its mask (here
+    every token: a tiny jitter threshold). The router adapter is wired (the forward uses its weight): the
+    guard lists it and does not stop the run (it stopped PhiMoE fits before)."""
+    from transformers import AutoModelForCausalLM
+
+    from hellora_pl.backbones.tiny import tiny_config_for
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config_for("phimoe", overrides={"router_jitter_noise": 1e-9}))
+    plan = resolve_method("lora", rank=4, alpha=8.0).build(model, None)
+    inject_adapters(model, plan, expert_kernel="torch")
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    report = check_liveness(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    routers = [f"model.layers.{i}.mlp.router.weight" for i in range(model.config.num_hidden_layers)]
+    assert report.flat_routers == routers
+    assert "no gradient on this batch" in report.summary()

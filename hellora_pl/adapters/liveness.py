@@ -75,6 +75,9 @@ class LivenessReport:
     tolerance: float = FP32_TOLERANCE
     unreached: list[str] = field(default_factory=list)  # routed sites none of whose hot experts got a token
     masked_out: list[str] = field(default_factory=list)  # sites whose B LoRI's mask empties (nothing trains there)
+    # routers whose weight the model's own routing gave no gradient on the probe batch (PhiMoE's sparsemixer
+    # when one expert survives its mask): the router adapter is wired, and trains on batches where it does
+    flat_routers: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -89,6 +92,11 @@ class LivenessReport:
             text += f"; B fully masked by LoRI (nothing to train there): {', '.join(self.masked_out)}"
         if self.unreached:
             text += f"; hot experts no probe token reached (not checked): {', '.join(self.unreached)}"
+        if self.flat_routers:
+            text += (
+                "; routers whose weight the model's routing gave no gradient on this batch (their adapters are wired "
+                f"and train where it does): {', '.join(self.flat_routers)}"
+            )
         return text
 
 
@@ -152,6 +160,7 @@ class _Probe:
         self.inputs = inputs
         self.report = report
         self.arch = architecture_for(model)
+        self.router_weight_grad: dict[int, bool] = {}  # id(router adapter) -> its effective weight got a gradient
 
     def run(self) -> None:
         self._set_updates(self.placed, zero=True)
@@ -187,11 +196,30 @@ class _Probe:
     def _forward_backward(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.report.forwards += 1
         self.report.backwards += 1
-        with RoutingRecorder(self.model) as recorder, torch.enable_grad():
-            recorder.armed = True  # every token the experts saw, padding too: it gets gradient as well
-            logits = self.model(**self.inputs).logits
-            logits.float().square().mean().backward()
+        handles = [
+            adapter.register_forward_hook(self._watch_router_weight)
+            for site, adapter in self.placed
+            if site.kind == "router"
+        ]
+        try:
+            with RoutingRecorder(self.model) as recorder, torch.enable_grad():
+                recorder.armed = True  # every token the experts saw, padding too: it gets gradient as well
+                logits = self.model(**self.inputs).logits
+                logits.float().square().mean().backward()
+        finally:
+            for handle in handles:
+                handle.remove()
         return logits.detach().float(), _sum_over_ranks(recorder.counts, logits.device)
+
+    def _watch_router_weight(self, adapter: nn.Module, inputs, weight: torch.Tensor) -> None:
+        """Record whether the router's effective weight (base + BA, the parametrization's output) gets a
+        gradient: none while the forward used it means the model's routing is flat there on this batch."""
+        self.router_weight_grad.setdefault(id(adapter), False)
+        if weight.requires_grad:
+            weight.register_hook(lambda grad: self._note_router_grad(adapter, grad))
+
+    def _note_router_grad(self, adapter: nn.Module, grad: torch.Tensor) -> None:
+        self.router_weight_grad[id(adapter)] = self.router_weight_grad.get(id(adapter), False) or bool(grad.ne(0).any())
 
     def _tolerance(self, logits: torch.Tensor) -> float:
         device = logits.device.type
@@ -259,6 +287,9 @@ class _Probe:
                 continue
             if site.kind != "routed_expert":
                 missing = [name for name, t in _token_tensors(adapter) if t.requires_grad and not _has_gradient(t)]
+                if missing and self.router_weight_grad.get(id(adapter)) is False:
+                    self.report.flat_routers.append(site.path)  # used by the forward, no gradient through routing
+                    continue
                 if missing:
                     dead.append(_Dead(site, f"no gradient reached {', '.join(missing)}", self._token_reason(site)))
                 continue

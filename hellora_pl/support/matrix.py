@@ -30,6 +30,8 @@ from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import model_type_to_module_name
 
 from ..adapters import adapter_state_dict, inject_adapters
+from ..adapters.experts import expert_adapter
+from ..adapters.liveness import DeadAdapterError, check_liveness
 from ..adapters.methods import resolve_method
 from ..backbones import UnsupportedArchitectureError, architecture_for
 from ..backbones.detect import NUM_EXPERTS_FIELDS
@@ -242,6 +244,10 @@ def _check(base, arch, moe_layers, result: FamilyResult) -> None:
         with torch.no_grad():
             difference = result.base_difference[method] = _relative(model(**tokens).logits, base_logits)
         _require(difference <= BASE_TOLERANCE, f"{method}: B = 0 differs from the base by {difference:.3g}")
+        try:  # every adapter tensor gets a gradient, every site changes the output (restores everything)
+            check_liveness(model, tokens)
+        except DeadAdapterError as dead:
+            raise _CheckFailed(f"{method}: {dead}") from None
         generator = torch.Generator().manual_seed(2)
         with torch.no_grad():
             for name, tensor in adapter_state_dict(model).items():
@@ -252,7 +258,26 @@ def _check(base, arch, moe_layers, result: FamilyResult) -> None:
         _require(_relative(adapted_logits, base_logits) > 1e-3, f"{method}: the adapters change nothing")
         difference = result.oracle_difference[method] = _relative(adapted_logits, oracle_logits)
         _require(difference <= ORACLE_TOLERANCE, f"{method}: adapted vs the merged oracle differ by {difference:.3g}")
+        _check_cold_experts(arch.moe_layers(model), arch.moe_layers(base_eager), method)
     _check_training(model, tokens)
+
+
+def _check_cold_experts(adapted_layers, eager_layers, method: str) -> None:
+    """Rows routed only to experts without an adapter give exactly the base experts' output (transformers'
+    eager experts), with every hot expert's B nonzero."""
+    generator = torch.Generator().manual_seed(3)
+    for adapted, eager in zip(adapted_layers, eager_layers, strict=True):
+        adapter = expert_adapter(adapted.experts)
+        cold = [] if adapter is None else (adapter.slot_of_expert < 0).nonzero().flatten().tolist()
+        if not cold:
+            continue
+        hidden = ExpertLayout.of(eager.experts).hidden
+        x = torch.randn(len(cold), hidden, generator=generator)
+        index = torch.tensor(cold).unsqueeze(1)  # each row to one cold expert, weight 1
+        weights = torch.ones(len(cold), 1)
+        with torch.no_grad():
+            difference = _relative(adapted.experts(x, index, weights), eager.experts(x, index, weights))
+        _require(difference <= BASE_TOLERANCE, f"{method}: layer {adapted.index}'s cold experts changed by {difference:.3g}")
 
 
 @contextlib.contextmanager
