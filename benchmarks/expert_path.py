@@ -49,7 +49,8 @@ from transformers import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
 
 from hellora_pl.adapters.experts import EXPERT_ADAPTER_ATTR, ExpertLoRA, expert_adapter
-from hellora_pl.kernels.reference import ExpertRouting, _gate, adapted_experts_forward, grouped_mm, unsort_rows
+from hellora_pl.kernels.layout import ExpertLayout
+from hellora_pl.kernels.reference import ExpertRouting, _activate, adapted_experts_forward, grouped_mm, unsort_rows
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 LORA_SCALE = 2.0  # alpha / r with alpha = 2r, for ours and PEFT alike
@@ -277,7 +278,7 @@ def hand_written_backward_forward(experts, hidden_states, top_k_index, top_k_wei
         args = (routing.offsets, routing.hot_rows, routing.hot_offsets, lora.scale)
         return _HotLoRAProjection.apply(x, weight, a, b, *args)
 
-    hidden = _gate(experts, project("gate_up_proj", hidden_states[routing.token_of_row]))
+    hidden = _activate(experts, ExpertLayout.of(experts), project("gate_up_proj", hidden_states[routing.token_of_row]))
     out = project("down_proj", hidden)
     out = out * top_k_weights.reshape(-1)[routing.perm].unsqueeze(-1).to(out.dtype)
     return unsort_rows(out, routing.perm).view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
