@@ -29,6 +29,16 @@ from hellora_pl.loading import load_backbone  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def today_twins() -> dict:
+    """configs/generate.py's TODAY_TWINS (the tiny twins of today's real configs), loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("configs_generate_twins", REPO / "configs" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TODAY_TWINS
+
 TINY_OLMOE = TINY_CONFIGS["olmoe"][1]
 
 # Public data files beside the checkout (../shared/data); tests that read them skip when absent.

@@ -6,7 +6,6 @@ exponents, and `quantization_config: {"quant_method": "mxfp4"}` in config.json, 
 has them. The expected dense weights are computed here from the e2m1 table and 2^(scale - 127).
 """
 
-import importlib.util
 import json
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from lightning.pytorch import Callback
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, RandomTokens, make_trainer
+from conftest import RandomTokens, make_trainer, today_twins
 from hellora_pl import HelloraModule, HotExpertInjectionCallback, RoutingProfilerCallback
 from hellora_pl.adapters import adapter_state_dict
 from hellora_pl.backbones import BackboneConfig, architecture_for
@@ -22,15 +21,7 @@ from hellora_pl.loading import load_backbone
 
 
 
-def _twins() -> dict:
-    """configs/generate.py's tiny twins of today's models (the config files' source), loaded by path."""
-    spec = importlib.util.spec_from_file_location("configs_generate_twins", REPO / "configs" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.TODAY_TWINS
-
-
-TODAY_TWINS = _twins()
+TODAY_TWINS = today_twins()
 
 # FP4 e2m1: sign bit, 2 exponent bits, 1 mantissa bit (the OCP MX spec's table, code 0..15).
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]

@@ -6,14 +6,13 @@ through the same adapted expert path.
 """
 
 import copy
-import importlib.util
 
 import pytest
 import torch
 
 pytest.importorskip("bitsandbytes")
 
-from conftest import REPO  # noqa: E402
+from conftest import today_twins  # noqa: E402
 from hellora_pl.adapters import adapter_state_dict, build_plan, inject_adapters  # noqa: E402
 from hellora_pl.backbones import BackboneConfig, architecture_for  # noqa: E402
 from hellora_pl.kernels.layout import ExpertLayout  # noqa: E402
@@ -24,15 +23,7 @@ from hellora_pl.routing import RoutingProfile, TopKPerLayer  # noqa: E402
 
 
 
-def _twins() -> dict:
-    """configs/generate.py's tiny twins of today's models (the config files' source), loaded by path."""
-    spec = importlib.util.spec_from_file_location("configs_generate_twins", REPO / "configs" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.TODAY_TWINS
-
-
-TODAY_TWINS = _twins()
+TODAY_TWINS = today_twins()
 
 # Both models multiply the same fp32 weights (NF4 dequantized); only summation order may differ.
 ATOL, RTOL = 1e-5, 1e-5
