@@ -202,18 +202,20 @@ def attention_widths(model: nn.Module, layer: nn.Module | None = None) -> Widths
         layers = arch.decoder_layers(model)
         layer = next((x for x in layers if _mixer_path(arch, x) == arch.attention), layers[0])
     attention = arch.attention_module(layer)
+    mixer = arch.layer_mixer(layer)
+    projections = set(mixer[1]) if mixer is not None else set()  # the linears this layer's mixer has
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads
     if getattr(cfg, "qk_nope_head_dim", None) is not None:
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         q = k = heads * qk
         v = out = heads * cfg.v_head_dim
         head_dim = cfg.qk_rope_head_dim
-    elif _has_linears(attention, ("q_proj", "k_proj", "o_proj")):
+    elif {"q_proj", "k_proj", "o_proj"} <= projections:
         # This layer's own widths: layers may differ (Gemma-4's full-attention layers: wider heads, no v_proj).
         # q counts the query heads only (q_proj may also emit an output gate: Qwen3-Next, Qwen3.5).
         head_dim = getattr(attention, "head_dim", None) or _linear(attention, "o_proj").in_features // heads
         q, k = heads * head_dim, _linear(attention, "k_proj").out_features
-        v = _linear(attention, "v_proj").out_features if _has_linears(attention, ("v_proj",)) else k
+        v = _linear(attention, "v_proj").out_features if "v_proj" in projections else k
         out = _linear(attention, "o_proj").in_features
     else:
         head_dim = getattr(cfg, "head_dim", None) or hidden // heads
@@ -230,10 +232,6 @@ def _linear(module: nn.Module, name: str) -> nn.Module | None:
     """`module.<name>`, or the base layer a LoRA wrapper holds there."""
     child = getattr(module, name, None)
     return getattr(child, "base_layer", child)
-
-
-def _has_linears(module: nn.Module | None, names: tuple[str, ...]) -> bool:
-    return module is not None and all(isinstance(_linear(module, n), nn.Linear) for n in names)
 
 
 def _rms_norm(tokens: int, width: int, rows_per_token: int = 1) -> int:
