@@ -17,6 +17,7 @@ with the fp32 reference on the same weights upcast, so the table bounds our erro
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 
 import pytest
@@ -306,3 +307,163 @@ def test_unsupported_layers_fall_back_to_the_reference():
     )
     experts.gate_up_proj.requires_grad_(True)
     assert "gradient" in triton_unsupported_reason(experts, hidden)
+
+
+# -- issue 16: row splits of lora_grad, host syncs, shared memory, autotune keys, fp fusion --------------
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_lora_grad_row_splits_match_reference_with_skewed_routing(splits, monkeypatch):
+    from hellora_pl.kernels import triton_jit as K
+
+    index = torch.randint(0, 8, (45, 2), generator=torch.Generator().manual_seed(1))
+    index[:, 0] = 2  # hot expert 2 (slot 0) gets every token, hot expert 5 a few
+    index[index[:, 1] == 2, 1] = 5
+    used = []
+    monkeypatch.setattr(K, "lora_grad_splits", lambda *args: used.append(args) or splits)
+    experts, lora, *rest = make_layer(num_tokens=45, hot=(2, 5), index=index)
+    check_against_reference(experts, lora, *rest, torch.float32)
+    assert len(used) == 4  # dA and dB of both projections went through the splits
+    assert all(num_rows == int(torch.isin(index, torch.tensor([2, 5])).sum()) for num_rows, *_ in used)
+
+
+def test_lora_grad_splits_fill_the_gpu_within_bounds():
+    from hellora_pl.kernels.triton_jit import lora_grad_splits
+
+    # OLMoE, 4096 tokens, 8 hot of 64 experts: ~4096 hot rows, D = I = 1024 -> 8 x 16 programs unsplit
+    splits = lora_grad_splits(4096, 8, 1024, 132)
+    assert splits > 1 and 8 * 16 * splits >= 4 * 132
+    assert lora_grad_splits(4096, 8, 2048, 132) < splits  # wider D: more tiles, fewer splits
+    assert lora_grad_splits(40, 8, 1024, 132) == 1  # few rows: never split
+    assert lora_grad_splits(0, 8, 1024, 132) == lora_grad_splits(100, 0, 1024, 132) == 1
+    assert lora_grad_splits(10**7, 1, 16, 132) == 32  # bounded partial-sum buffer
+
+
+def test_build_routing_syncs_once_and_never_calls_bincount(monkeypatch):
+    index = torch.randint(0, 7, (30, 3), generator=torch.Generator().manual_seed(0))
+    index[:, 0] = 5
+    counts = torch.bincount(index.reshape(-1), minlength=7).tolist()  # before the patches
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.bincount syncs with the host on CUDA")
+
+    syncs = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: syncs.append(_n) or _o(self, *a, **k)
+        )
+    monkeypatch.setattr(torch, "bincount", refuse)
+    monkeypatch.setattr(torch.Tensor, "bincount", refuse)
+    routings = [build_routing(index, 7, torch.tensor([1, 5]), block_m=16) for _ in range(2)]
+    monkeypatch.undo()
+    assert syncs == ["tolist", "tolist"]  # one per build_routing
+    rows = [0] * 7
+    for expert, _, start, end in routings[1].blocks.tolist():
+        rows[expert] += min(start + 16, end) - start
+    assert rows == counts
+    assert routings[1].num_hot_rows == counts[1] + counts[5]
+
+
+def _named(kernel, dtype, prec, block_m=64, rank=16, adapter=torch.float32):
+    """Named args of a launch, as the autotuner hands them to early_config_prune (meta tensors)."""
+
+    def t(*shape, dt=dtype):
+        return torch.empty(shape, dtype=dt, device="meta")
+
+    common = {"BLOCK_M": block_m, "BLOCK_R": rank, "PREC": prec, "LORA_PREC": prec}
+    if kernel == "gate_up":
+        return {"x_ptr": t(8, 2048), "w_ptr": t(1, 2048, 2048), "s_ptr": t(8, rank, dt=torch.float32),
+                "b_ptr": t(1, 2048, rank, dt=adapter), "gu_ptr": t(8, 2048), **common}  # fmt: skip
+    return {"x_ptr": t(8, 1024), "w_ptr": t(1, 2048, 1024), "s_ptr": t(8, rank, dt=torch.float32),
+            "m_ptr": t(1, 2048, rank, dt=adapter), "dst_ptr": t(8, dt=torch.int32), **common}  # fmt: skip
+
+
+# Per-block shared memory (sm_90, sm_80, sm_86/89) and figures the compiler gave (triton 3.9, ptxas, gate table).
+LIMITS = {90: 232_448, 80: 166_912, 89: 101_376}
+MEASURED = [  # (kernel, dtype, prec, config entry, cc, metadata.shared)
+    ("gate_up", torch.float32, "ieee", {"BLOCK_N": 128, "BLOCK_K": 64, "w": 8, "s": 3}, 80, 163_840),
+    ("gate_up", torch.float32, "ieee", {"BLOCK_N": 128, "BLOCK_K": 64, "w": 8, "s": 3}, 89, 163_840),
+    ("gate_up", torch.bfloat16, "tf32", {"BLOCK_N": 128, "BLOCK_K": 64, "w": 8, "s": 3}, 80, 81_920),
+    ("gate_up", torch.bfloat16, "tf32", {"BLOCK_N": 128, "BLOCK_K": 64, "w": 8, "s": 3}, 90, 122_880),
+    ("gate_up", torch.bfloat16, "tf32", {"BLOCK_N": 64, "BLOCK_K": 32, "w": 4, "s": 3}, 90, 36_864),
+    ("gemm", torch.float32, "ieee", {"BLOCK_N": 128, "BLOCK_K": 64, "w": 8, "s": 3}, 90, 98_304),
+    ("gemm", torch.bfloat16, "tf32", {"BLOCK_N": 128, "BLOCK_K": 64, "w": 8, "s": 3}, 90, 73_728),
+]
+
+
+@pytest.mark.parametrize("kernel, dtype, prec, entry, cc, shared", MEASURED)
+def test_shared_memory_estimate_is_never_below_the_compiler(kernel, dtype, prec, entry, cc, shared):
+    from hellora_pl.kernels import triton_jit as K
+
+    (config,) = K._cuda_configs([entry])
+    named = _named(kernel, dtype, prec)
+    estimate = K.shared_bytes_estimate(config, named, cc)
+    assert shared <= estimate <= 1.25 * shared
+    assert shared <= K.shared_bytes_estimate(config, named)  # unknown target: the worst case
+
+
+def test_fitting_configs_drop_what_a_101_kb_card_cannot_hold():
+    from hellora_pl.kernels import triton_jit as K
+
+    fp32 = _named("gate_up", torch.float32, "ieee")
+    big = K._cuda_configs([{"BLOCK_N": 128, "BLOCK_K": 64, "w": 8, "s": 3}])  # 163,840 B compiled on sm_80/89
+    assert K.fitting_configs(big, fp32, LIMITS[89], 89) == [] and K.fitting_configs(big, fp32, LIMITS[90], 90) == big
+    lists = {"gate_up": K._cuda_configs(K._GATE_UP_CUDA), "gemm": K._cuda_configs(K._GEMM_CUDA)}
+    for kernel, configs in lists.items():
+        for dtype, prec in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "ieee")):
+            for block_m in (16, 64):
+                named = _named(kernel, dtype, prec, block_m)
+                for cc, limit in LIMITS.items():
+                    kept = K.fitting_configs(configs, named, limit, cc)
+                    assert len(kept) >= 2, (kernel, dtype, block_m, cc)  # something left to tune
+                    assert all(("ieee" if prec == "ieee" else "tc") in c.dots for c in kept)
+                    assert all(K.shared_bytes_estimate(c, named, cc) <= limit for c in kept)
+
+
+def test_prune_refuses_to_launch_nothing(monkeypatch):
+    from hellora_pl.kernels import triton_jit as K
+
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(K, "_device_limits", lambda: (20_000, 89))
+    prune = K._prune_for("_gate_up_fwd_kernel")["early_config_prune"]
+    configs = K._cuda_configs(K._GATE_UP_CUDA)
+    named = _named("gate_up", torch.float32, "ieee")
+    with pytest.raises(RuntimeError, match=r"_gate_up_fwd_kernel.*20000 B.*sm_89"):
+        prune(
+            configs,
+            {k: v for k, v in named.items() if k.endswith("_ptr")},
+            **{k: v for k, v in named.items() if not k.endswith("_ptr")},
+        )
+    monkeypatch.setattr(K, "_device_limits", lambda: (LIMITS[89], 89))
+    assert 0 < len(prune(configs, named)) < len(configs)
+
+
+def test_autotune_keys_cover_every_constexpr_that_is_not_tuned():
+    from hellora_pl.kernels import triton_jit as K
+
+    kernels = [K._gate_up_fwd_kernel, K._grouped_gemm_kernel, K._down_bwd_kernel, K._shrink_kernel, K._lora_grad_kernel]
+    for tuner in kernels:
+        params = inspect.signature(tuner.base_fn).parameters.values()
+        constexprs = {p.name for p in params if "constexpr" in str(p.annotation)}
+        assert constexprs, tuner.base_fn.__name__
+        tuned = {name for config in tuner.configs for name in config.kwargs}
+        # DT and LORA_DT follow the tensors' dtypes, which the autotuner adds to every key
+        assert constexprs - tuned - {"DT", "LORA_DT"} <= set(tuner.keys), tuner.fn.__name__
+
+
+def test_every_launch_sets_fp_fusion(monkeypatch):
+    from triton.runtime.autotuner import Autotuner
+
+    launches = []
+    original = Autotuner.run
+    monkeypatch.setattr(
+        Autotuner, "run", lambda self, *a, **k: launches.append((self.base_fn.__name__, k)) or original(self, *a, **k)
+    )
+    experts, lora, hidden, index, weights = make_layer()
+    out = triton_adapted_experts_forward(experts, hidden.requires_grad_(), index, weights.requires_grad_())
+    out.sum().backward()
+    assert {name for name, _ in launches} == {
+        "_gate_up_fwd_kernel", "_grouped_gemm_kernel", "_down_bwd_kernel", "_shrink_kernel", "_lora_grad_kernel"
+    }  # fmt: skip
+    assert all(kwargs.get("enable_fp_fusion") is True for _, kwargs in launches)

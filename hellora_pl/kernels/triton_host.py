@@ -14,10 +14,15 @@ What is Triton (`triton_jit`):
   the stored pre-activation, partial sums of the routing weights' gradient), dX as a grouped
   GEMM through W_gate_up^T plus the LoRA path, and the per-expert reductions dA and dB.
 
-What is torch: sorting the (token, k) pairs and building the block table (sort, bincount,
-cumsum, repeat_interleave, one host sync for the block counts), the sum over k of the per-pair
+What is torch: sorting the (token, k) pairs and building the block table (sort, scatter_add,
+cumsum, repeat_interleave), the sum over k of the per-pair
 outputs and of dX, the sum of the routing-weight gradient partials, B_eff = effective_B (so
 autograd applies LoRI's mask and DR-LoRA's active ranks to dB), and the dtype casts.
+
+Host syncs: one per `build_routing` (`sizes.tolist()`: the block, hot-block, hot-row and used-expert
+counts), because a launch's grid and the buffers' sizes must be known on the host; a layer builds
+its routing once, and recomputing it under gradient checkpointing syncs once more. `lora_grad` picks
+its row splits from those counts, with no further sync. Nothing else waits for the device.
 
 Cold rows get no LoRA program at all: hot experts come first in the sort order, hot blocks first
 in the block table, and the LoRA-only kernels launch over hot blocks (or hot slots) only.
@@ -183,7 +188,9 @@ def build_routing(
     position[order] = torch.arange(num_experts, device=device)
     key = position[flat]
     perm = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=num_experts)
+    # Rows per expert without a host sync (torch.bincount syncs on CUDA to size its output); integer adds
+    # commute, so the count is deterministic.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, key, torch.ones_like(key))
     ends = torch.cumsum(counts, 0)
     starts = ends - counts
     blocks_per = (counts + block_m - 1) // block_m

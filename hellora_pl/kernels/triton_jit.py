@@ -21,46 +21,185 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
+# Fused multiply-adds on (triton's default until 3.9, which warns that 3.10 turns it off): passed at every
+# launch, so the kernels do not change with the triton version or TRITON_DEFAULT_FP_FUSION.
+FP_FUSION = True
+
 # BLOCK_N of the down-projection backward is fixed: it sets how many partial sums of the routing
 # weights' gradient each row gets, and that buffer is sized before the launch.
 _DOWN_BWD_BLOCK_N = 32 if INTERPRET else 64
+
+
+def _cuda_configs(entries: list[dict]) -> list[triton.Config]:
+    """Configs from {constexpr: value, "w": warps, "s": stages, "dots": "tc" or "ieee" (optional)} entries.
+
+    "dots" limits an entry to launches with that kind of dots (`fitting_configs`): "tc" tensor cores (16-bit
+    or tf32), "ieee" exact fp32 FMA dots, which hold whole fp32 tiles in registers and need more warps.
+    """
+    out = []
+    for entry in entries:
+        config = triton.Config(
+            {k: v for k, v in entry.items() if k not in ("w", "s", "dots")}, num_warps=entry["w"], num_stages=entry["s"]
+        )
+        config.dots = frozenset((entry["dots"],) if "dots" in entry else ("tc", "ieee"))
+        out.append(config)
+    return out
 
 
 def _configs(interpret: dict, cuda: list[dict]) -> list[triton.Config]:
     """One config under the interpreter (it is slow to tune), a short list on CUDA."""
     if INTERPRET:
         return [triton.Config(interpret, num_warps=1, num_stages=1)]
+    return _cuda_configs(cuda)
+
+
+# Chosen with the compile gate (ptxas -v, sm_80/89/90, OLMoE and Mixtral shapes): no spills in 16-bit
+# training variants. Two fp32 accumulators (gate and up) of a 64 x 128 tile need 8 warps. "ieee" dots run
+# on FMA units with their operands in registers: smaller K tiles there keep register pressure down.
+_GATE_UP_CUDA = [
+    {"BLOCK_N": 64, "BLOCK_K": 32, "w": 4, "s": 3, "dots": "tc"},
+    {"BLOCK_N": 128, "BLOCK_K": 32, "w": 8, "s": 3, "dots": "tc"},
+    {"BLOCK_N": 64, "BLOCK_K": 64, "w": 4, "s": 3, "dots": "tc"},
+    {"BLOCK_N": 128, "BLOCK_K": 64, "w": 8, "s": 3, "dots": "tc"},
+    {"BLOCK_N": 64, "BLOCK_K": 32, "w": 8, "s": 3, "dots": "ieee"},
+    {"BLOCK_N": 64, "BLOCK_K": 16, "w": 8, "s": 3, "dots": "ieee"},
+    {"BLOCK_N": 128, "BLOCK_K": 16, "w": 8, "s": 3, "dots": "ieee"},
+]
+_GATE_UP_CONFIGS = _configs({"BLOCK_N": 32, "BLOCK_K": 32}, _GATE_UP_CUDA)
+_GEMM_CUDA = [
+    {"BLOCK_N": 64, "BLOCK_K": 32, "w": 4, "s": 3},
+    {"BLOCK_N": 128, "BLOCK_K": 32, "w": 4, "s": 3, "dots": "tc"},
+    {"BLOCK_N": 64, "BLOCK_K": 64, "w": 4, "s": 3, "dots": "tc"},
+    {"BLOCK_N": 128, "BLOCK_K": 64, "w": 8, "s": 3, "dots": "tc"},
+    {"BLOCK_N": 128, "BLOCK_K": 32, "w": 8, "s": 3, "dots": "ieee"},
+    {"BLOCK_N": 64, "BLOCK_K": 16, "w": 4, "s": 3, "dots": "ieee"},
+    {"BLOCK_N": 128, "BLOCK_K": 16, "w": 8, "s": 3, "dots": "ieee"},
+]
+_GEMM_CONFIGS = _configs({"BLOCK_N": 32, "BLOCK_K": 32}, _GEMM_CUDA)
+# The down backward's epilogue (SwiGLU backward, routing-weight partials) holds several fp32 tiles: 8 warps.
+_DOWN_BWD_CUDA = [
+    {"BLOCK_K": 32, "w": 8, "s": 3},
+    {"BLOCK_K": 64, "w": 8, "s": 3, "dots": "tc"},
+    {"BLOCK_K": 64, "w": 8, "s": 4, "dots": "tc"},
+    {"BLOCK_K": 16, "w": 8, "s": 4, "dots": "ieee"},
+    {"BLOCK_K": 32, "w": 8, "s": 4, "dots": "ieee"},
+]
+_DOWN_BWD_CONFIGS = _configs({"BLOCK_K": 32}, _DOWN_BWD_CUDA)
+_SHRINK_CUDA = [{"BLOCK_K": 32, "w": 4, "s": 3}, {"BLOCK_K": 64, "w": 4, "s": 3}, {"BLOCK_K": 128, "w": 8, "s": 3}]
+_SHRINK_CONFIGS = _configs({"BLOCK_K": 32}, _SHRINK_CUDA)
+_GRAD_CUDA = [
+    {"BLOCK_D": 64, "BLOCK_M": 32, "w": 4, "s": 3},
+    {"BLOCK_D": 128, "BLOCK_M": 32, "w": 4, "s": 3, "dots": "tc"},
+    {"BLOCK_D": 128, "BLOCK_M": 32, "w": 8, "s": 3, "dots": "ieee"},
+    {"BLOCK_D": 64, "BLOCK_M": 64, "w": 4, "s": 3},
+]
+_GRAD_CONFIGS = _configs({"BLOCK_D": 32, "BLOCK_M": 16}, _GRAD_CUDA)
+
+
+# -- shared memory: drop configs the device cannot hold --------------------------------------
+# Tiles each pipeline stage of a kernel's main loop holds in shared memory: (rows, cols, tensor arg, count);
+# a str dimension is a constexpr, an int a fixed size. `_EPILOGUE_TILES`: the LoRA expand's operands, staged
+# after the loop. Fitted to the compiled kernels (ptxas, triton 3.9): the estimate is never below `metadata.shared`.
+_STAGE_TILES = {
+    "_gate_up_fwd_kernel": (("BLOCK_M", "BLOCK_K", "x_ptr", 1), ("BLOCK_K", "BLOCK_N", "w_ptr", 2)),
+    "_grouped_gemm_kernel": (("BLOCK_M", "BLOCK_K", "x_ptr", 1), ("BLOCK_K", "BLOCK_N", "w_ptr", 1)),
+    "_down_bwd_kernel": (("BLOCK_M", "BLOCK_K", "dy_ptr", 1), ("BLOCK_K", "BLOCK_N", "w_ptr", 1)),
+    "_shrink_kernel": (("BLOCK_M", "BLOCK_K", "x_ptr", 1), ("BLOCK_K", "BLOCK_R", "m_ptr", 1)),
+    "_lora_grad_kernel": (("BLOCK_R", "BLOCK_M", "l_ptr", 1), ("BLOCK_M", "BLOCK_D", "x_ptr", 1)),
+}
+_EPILOGUE_TILES = {
+    "_gate_up_fwd_kernel": (("BLOCK_M", "BLOCK_R", "s_ptr", 1), ("BLOCK_R", "BLOCK_N", "b_ptr", 1)),
+    "_grouped_gemm_kernel": (("BLOCK_M", "BLOCK_R", "s_ptr", 1), ("BLOCK_R", "BLOCK_N", "m_ptr", 1)),
+    "_down_bwd_kernel": (("BLOCK_M", "BLOCK_R", "p_ptr", 1), ("BLOCK_R", "BLOCK_N", "a_ptr", 1)),
+}
+# An argument that tells which kernel a set of named args belongs to (checked in this order: lora_grad
+# also takes src_ptr).
+_MARKERS = {
+    "gu_ptr": "_gate_up_fwd_kernel",
+    "dst_ptr": "_grouped_gemm_kernel",
+    "dgu_ptr": "_down_bwd_kernel",
+    "l_ptr": "_lora_grad_kernel",
+    "src_ptr": "_shrink_kernel",
+}
+
+
+def _kernel_of(named_args: dict) -> str:
+    for marker, kernel in _MARKERS.items():
+        if marker in named_args:
+            return kernel
+    raise ValueError(f"fitting_configs: no kernel of triton_jit takes the arguments {sorted(named_args)}")
+
+
+def _tiles_bytes(tiles, values: dict, named_args: dict) -> int:
+    total = 0
+    for rows, cols, arg, count in tiles:
+        tensor = named_args.get(arg)
+        elem = tensor.element_size() if hasattr(tensor, "element_size") else 4
+        missing = [d for d in (rows, cols) if isinstance(d, str) and d not in values]
+        if missing:
+            raise ValueError(f"fitting_configs: constexpr {missing} neither in the config nor in the named args")
+        dims = [values[d] if isinstance(d, str) else d for d in (rows, cols)]
+        total += count * dims[0] * dims[1] * elem
+    return total
+
+
+def shared_bytes_estimate(config: triton.Config, named_args: dict, cc: int | None = None) -> int:
+    """A conservative estimate of the shared memory one launch of `config` needs.
+
+    The main loop buffers its operand tiles once per stage: num_stages times with Hopper's wgmma (sm_90+,
+    16-bit or tf32 dots), num_stages - 1 times with cp.async (sm_80/89, or "ieee" fp32 dots); unknown `cc`
+    takes the larger. The LoRA epilogue reuses that memory, so the estimate is the larger of the two.
+    """
+    kernel = _kernel_of(named_args)
+    values = {**named_args, **config.all_kwargs()}
+    wgmma = cc is None or (cc >= 90 and values.get("PREC") != "ieee")
+    stages = config.num_stages if wgmma else config.num_stages - 1
+    main = max(stages, 1) * _tiles_bytes(_STAGE_TILES[kernel], values, named_args)
+    return max(main, _tiles_bytes(_EPILOGUE_TILES.get(kernel, ()), values, named_args))
+
+
+def fitting_configs(
+    configs: list[triton.Config], named_args: dict, smem_bytes: int, cc: int | None = None
+) -> list[triton.Config]:
+    """The configs that fit a launch: estimated shared memory (`shared_bytes_estimate`) within `smem_bytes`
+    per block, and meant for its kind of dots (tensor cores, or "ieee" when PREC is; see `_cuda_configs`).
+
+    `named_args`: the kernel's argument names -> values, constexprs included (the autotuner's nargs and
+    kwargs). `cc`: the compute capability as 80, 89, 90; None estimates for the worst case.
+    """
+    dots = "ieee" if named_args.get("PREC") == "ieee" else "tc"
     return [
-        triton.Config({k: v for k, v in c.items() if k not in ("w", "s")}, num_warps=c["w"], num_stages=c["s"])
-        for c in cuda
+        c
+        for c in configs
+        if dots in getattr(c, "dots", (dots,)) and shared_bytes_estimate(c, named_args, cc) <= smem_bytes
     ]
 
 
-_GEMM_CONFIGS = _configs(
-    {"BLOCK_N": 32, "BLOCK_K": 32},
-    [
-        {"BLOCK_N": 64, "BLOCK_K": 32, "w": 4, "s": 3},
-        {"BLOCK_N": 128, "BLOCK_K": 32, "w": 4, "s": 3},
-        {"BLOCK_N": 64, "BLOCK_K": 64, "w": 4, "s": 3},
-        {"BLOCK_N": 128, "BLOCK_K": 64, "w": 8, "s": 3},
-    ],
-)
-_DOWN_BWD_CONFIGS = _configs(
-    {"BLOCK_K": 32},
-    [{"BLOCK_K": 32, "w": 4, "s": 3}, {"BLOCK_K": 64, "w": 4, "s": 3}, {"BLOCK_K": 64, "w": 8, "s": 4}],
-)
-_SHRINK_CONFIGS = _configs(
-    {"BLOCK_K": 32},
-    [{"BLOCK_K": 32, "w": 4, "s": 3}, {"BLOCK_K": 64, "w": 4, "s": 3}, {"BLOCK_K": 128, "w": 8, "s": 3}],
-)
-_GRAD_CONFIGS = _configs(
-    {"BLOCK_D": 32, "BLOCK_M": 16},
-    [
-        {"BLOCK_D": 64, "BLOCK_M": 32, "w": 4, "s": 3},
-        {"BLOCK_D": 128, "BLOCK_M": 32, "w": 4, "s": 3},
-        {"BLOCK_D": 64, "BLOCK_M": 64, "w": 4, "s": 3},
-    ],
-)
+def _device_limits() -> tuple[int, int]:
+    """(max shared memory per block in bytes, compute capability as 90) of the current CUDA device."""
+    device = torch.cuda.current_device()
+    props = triton.runtime.driver.active.utils.get_device_properties(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    return int(props["max_shared_mem"]), major * 10 + minor
+
+
+def _prune_for(kernel: str):
+    """An `early_config_prune` that keeps the configs that fit the current device (`fitting_configs`)."""
+
+    def prune(configs, nargs, **kwargs):
+        if INTERPRET:
+            return configs
+        smem, cc = _device_limits()
+        kept = fitting_configs(configs, {**nargs, **kwargs}, smem, cc)
+        if not kept:
+            raise RuntimeError(
+                f"{kernel}: no autotune config fits the device's {smem} B of shared memory per block (sm_{cc}) "
+                f"with PREC={kwargs.get('PREC')!r}; configs tried: {configs}. Add one with smaller BLOCK_K/BLOCK_N "
+                "or fewer num_stages to the kernel's config list."
+            )
+        return kept
+
+    return {"early_config_prune": prune}
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -173,7 +312,11 @@ def _expand_tile(
 # -- kernels ---------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["INTER", "H"])
+@triton.autotune(
+    configs=_GATE_UP_CONFIGS,
+    key=["INTER", "H", "HAS_LORA", "STORE_GU", "BLOCK_M", "BLOCK_R", "PREC", "LORA_PREC"],
+    prune_configs_by=_prune_for("_gate_up_fwd_kernel"),
+)
 @triton.jit
 def _gate_up_fwd_kernel(
     x_ptr,
@@ -259,7 +402,11 @@ def _gate_up_fwd_kernel(
     tl.store(h_ptr + rows64 * stride_hm + cols[None, :], h.to(out_dtype), mask=mask)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K"])
+@triton.autotune(
+    configs=_GEMM_CONFIGS,
+    key=["N", "K", "HAS_LORA", "HAS_ROW_SCALE", "BLOCK_M", "BLOCK_R", "PREC", "LORA_PREC"],
+    prune_configs_by=_prune_for("_grouped_gemm_kernel"),
+)
 @triton.jit
 def _grouped_gemm_kernel(
     x_ptr,
@@ -326,7 +473,11 @@ def _grouped_gemm_kernel(
     )
 
 
-@triton.autotune(configs=_DOWN_BWD_CONFIGS, key=["H", "INTER"])
+@triton.autotune(
+    configs=_DOWN_BWD_CONFIGS,
+    key=["H", "INTER", "HAS_LORA", "STORE_H", "BLOCK_M", "BLOCK_R", "BLOCK_N", "PREC", "LORA_PREC"],
+    prune_configs_by=_prune_for("_down_bwd_kernel"),
+)
 @triton.jit
 def _down_bwd_kernel(
     dy_ptr,
@@ -416,7 +567,11 @@ def _down_bwd_kernel(
             tl.store(h_hot_ptr + rows64 * stride_hm + cols[None, :], h.to(h_hot_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_SHRINK_CONFIGS, key=["D", "R"])
+@triton.autotune(
+    configs=_SHRINK_CONFIGS,
+    key=["D", "R", "GATHER", "BLOCK_M", "BLOCK_R", "PREC"],
+    prune_configs_by=_prune_for("_shrink_kernel"),
+)
 @triton.jit
 def _shrink_kernel(
     x_ptr,
@@ -467,7 +622,11 @@ def _shrink_kernel(
     )
 
 
-@triton.autotune(configs=_GRAD_CONFIGS, key=["D", "R"])
+@triton.autotune(
+    configs=_GRAD_CONFIGS,
+    key=["D", "R", "HAS_ROW_SCALE", "GATHER", "BLOCK_R", "PREC"],
+    prune_configs_by=_prune_for("_lora_grad_kernel"),
+)
 @triton.jit
 def _lora_grad_kernel(
     l_ptr,
@@ -480,8 +639,10 @@ def _lora_grad_kernel(
     out_ptr,
     D,
     R,
+    splits,
     stride_lm,
     stride_xm,
+    stride_os,
     stride_oe,
     stride_or,
     stride_od,
@@ -494,24 +655,30 @@ def _lora_grad_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """out[slot, :R, d] = scale * sum over the slot's rows of (row_scale * L[row])^T X[src(row), d].
+    """out[split, slot, :R, d] = scale * sum over the split's rows of (row_scale * L[row])^T X[src(row), d].
 
-    The per-expert reduction of dA and dB (dB stored transposed through strides). One program
-    per (hot slot, D-tile) loops over that slot's rows: deterministic, no atomics.
+    The per-expert reduction of dA and dB (dB stored transposed through strides). Program (slot, D-tile,
+    split) loops over its share of the slot's rows, cut in `splits` BLOCK_M-aligned chunks, so a hot expert
+    with many rows spreads over many programs; the host sums the splits: deterministic, no atomics.
     """
     slot = tl.program_id(0)
+    split = tl.program_id(2)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
     start = tl.load(slots_ptr + slot * 2)
     end = tl.load(slots_ptr + slot * 2 + 1)
+    chunk = (end - start + splits - 1) // splits
+    chunk = (chunk + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    lo = start + split * chunk
+    hi = tl.minimum(end, lo + chunk)
     rank = tl.load(rank_ptr + slot)
     r = tl.arange(0, BLOCK_R)
     r_mask = r < rank
     offs_m = tl.arange(0, BLOCK_M)
     acc = tl.full((BLOCK_R, BLOCK_D), 0.0, tl.float32)
-    for m0 in range(start, end, BLOCK_M):
+    for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
-        row_mask = rows < end
+        row_mask = rows < hi
         l_t = tl.load(
             l_ptr + rows.to(tl.int64)[None, :] * stride_lm + r[:, None],
             mask=r_mask[:, None] & row_mask[None, :],
@@ -530,10 +697,9 @@ def _lora_grad_kernel(
             other=0.0,
         )
         acc = tl.dot(l_t.to(DT), x.to(DT), acc, input_precision=PREC)
+    out = out_ptr + split.to(tl.int64) * stride_os + slot.to(tl.int64) * stride_oe
     tl.store(
-        out_ptr + slot.to(tl.int64) * stride_oe + r[:, None] * stride_or + d[None, :] * stride_od,
-        acc * scale,
-        mask=(r < R)[:, None] & d_mask[None, :],
+        out + r[:, None] * stride_or + d[None, :] * stride_od, acc * scale, mask=(r < R)[:, None] & d_mask[None, :]
     )
 
 
@@ -555,6 +721,7 @@ def gate_up_forward(x, tok, w, s, b, ranks, blocks, num_blocks, h, gu, scale, bl
         h.stride(0), gu.stride(0) if gu is not None else 0, float(scale),
         HAS_LORA=has_lora, STORE_GU=gu is not None, BLOCK_M=block_m,
         BLOCK_R=rank_block(b.shape[-1] if has_lora else 1), DT=dot_dtype(x.dtype), LORA_DT=lora_dtype, PREC=prec[0], LORA_PREC=prec[1],
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 
@@ -587,6 +754,7 @@ def grouped_gemm(
         out.stride(0), float(scale),
         HAS_LORA=has_lora, HAS_ROW_SCALE=row_scale is not None, BLOCK_M=block_m, BLOCK_R=rank_block(rank),
         DT=dot_dtype(x.dtype), LORA_DT=lora_dtype, PREC=prec[0], LORA_PREC=prec[1],
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 
@@ -624,7 +792,7 @@ def down_backward(
         gu.stride(0), h_hot.stride(0) if h_hot is not None else 0, float(scale),
         HAS_LORA=has_lora, STORE_H=h_hot is not None, BLOCK_M=block_m,
         BLOCK_R=rank_block(a.shape[1] if has_lora else 1), DT=dot_dtype(dy.dtype), LORA_DT=lora_dtype, PREC=prec[0], LORA_PREC=prec[1],
-        BLOCK_N=_DOWN_BWD_BLOCK_N,
+        BLOCK_N=_DOWN_BWD_BLOCK_N, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 
@@ -640,15 +808,55 @@ def shrink(x, src, m, m_strides, rank, ranks, blocks, num_hot_blocks, s, block_m
     _shrink_kernel[(num_hot_blocks,)](
         x, src if src is not None else blocks, m, ranks, blocks, s, x.shape[1], rank, x.stride(0), *m_strides,
         s.stride(0), GATHER=src is not None, BLOCK_M=block_m, BLOCK_R=rank_block(rank), DT=lora_dtype, PREC=prec[1],
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 
-def lora_grad(left, row_scale, pair, x, src, slots, ranks, out, out_strides, rank, scale, lora_dtype, prec) -> None:
-    """out[slot] = scale * sum over its rows of (row_scale * left[row])^T x[src[row] or row]; strides (slot, r, d)."""
+# lora_grad's row splits: enough programs to fill the GPU a few times over, each split at least a few blocks
+# of rows on average, and a bounded partial-sum buffer.
+_GRAD_PROGRAMS_PER_SM = 4
+_GRAD_MIN_ROWS_PER_SPLIT = 256
+_GRAD_MAX_SPLITS = 32
+
+
+def lora_grad_splits(num_rows: int, num_hot: int, dim: int, num_sms: int) -> int:
+    """How many programs share each hot slot's rows in `lora_grad` (chosen on the host, no sync).
+
+    `num_rows` rows over `num_hot` slots, `dim` columns: aims at `_GRAD_PROGRAMS_PER_SM` x `num_sms` programs
+    with the smallest D-tile (64), but never splits below `_GRAD_MIN_ROWS_PER_SPLIT` rows per split overall.
+    """
+    if num_hot == 0 or num_rows == 0:
+        return 1
+    programs = num_hot * triton.cdiv(dim, 64)
+    wanted = triton.cdiv(_GRAD_PROGRAMS_PER_SM * num_sms, programs)
+    return max(1, min(wanted, triton.cdiv(num_rows, _GRAD_MIN_ROWS_PER_SPLIT), _GRAD_MAX_SPLITS))
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def lora_grad(
+    left, row_scale, pair, x, src, slots, ranks, out, out_strides, rank, scale, lora_dtype, prec, splits=None
+) -> None:
+    """out[slot] = scale * sum over its rows of (row_scale * left[row])^T x[src[row] or row]; strides (slot, r, d).
+
+    `left` holds the hot rows only. With more than one split (`lora_grad_splits`, or `splits`), the kernel
+    writes fp32 partial sums [splits, n_hot, rank, D] and torch adds them in a fixed order.
+    """
     num_hot, dim = slots.shape[0], x.shape[1]
-    _lora_grad_kernel[lambda meta: (num_hot, triton.cdiv(dim, meta["BLOCK_D"]))](
-        left, row_scale if row_scale is not None else left, pair, x, src if src is not None else pair, slots, ranks, out,
-        dim, rank, left.stride(0), x.stride(0), *out_strides, float(scale),
+    if splits is None:
+        splits = lora_grad_splits(left.shape[0], num_hot, dim, _num_sms(x.device))
+    if splits > 1:
+        target = torch.empty(splits, num_hot, rank, dim, device=x.device, dtype=torch.float32)
+        strides = target.stride()
+    else:
+        target, strides = out, (0, *out_strides)
+    _lora_grad_kernel[lambda meta: (num_hot, triton.cdiv(dim, meta["BLOCK_D"]), splits)](
+        left, row_scale if row_scale is not None else left, pair, x, src if src is not None else pair, slots, ranks,
+        target, dim, rank, splits, left.stride(0), x.stride(0), *strides, float(scale),
         HAS_ROW_SCALE=row_scale is not None, GATHER=src is not None, BLOCK_R=rank_block(rank), DT=lora_dtype,
-        PREC=prec[1],
+        PREC=prec[1], enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
+    if splits > 1:
+        out.as_strided((num_hot, rank, dim), out_strides).copy_(target.sum(0))
