@@ -11,8 +11,8 @@ import importlib
 import json
 import math
 import sys
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,19 +83,86 @@ def test_expert_path_hot_share_biases_routing(bench):
 
 def test_train_throughput_smoke(bench, tmp_path):
     train_throughput = bench("train_throughput")
-    train_throughput.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    payload = train_throughput.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
     data, markdown = written(tmp_path, "train_throughput_tiny_cpu")
+    assert data == json.loads(json.dumps(payload))
 
-    assert [row["method"] for row in data["rows"]] == ["lora", "hellora", "peft"]
+    assert [row["method"] for row in data["rows"]] == ["attention_only", "lora", "hellora", "peft"]
+    by = {row["method"]: row for row in data["rows"]}
+    floor_ms = by["attention_only"]["ms_median"]
     for row in data["rows"]:
         assert row["ms_median"] > 0 and row["tokens_per_s"] > 0 and row["saved_bytes"] > 0
         assert row["label"] in markdown
-    by = {row["method"]: row for row in data["rows"]}
-    assert by["hellora"]["trainable_params"] < by["lora"]["trainable_params"] == by["peft"]["trainable_params"]
+        # Both sides rounded to 3 decimals: the ratio agrees with the medians to that rounding.
+        assert row["ratio_to_floor"] == pytest.approx(row["ms_median"] / floor_ms, rel=1e-3, abs=2e-3)
+    assert by["attention_only"]["ratio_to_floor"] == 1.0
+    assert by["attention_only"]["hot_experts_per_layer"] == [0, 0]
+    params = {m: row["trainable_params"] for m, row in by.items()}
+    assert params["attention_only"] < params["hellora"] < params["lora"] == params["peft"]
     assert data["all_checks_passed"], [c for c in data["checks"] if not c["passed"]]
-    assert len(data["checks"]) == 3
-    assert set(data["summary"]) >= {"hellora_throughput_over_peft", "lora_throughput_over_peft"}
-    assert "FAIL" not in markdown
+    assert len(data["checks"]) == 4
+    floor_check = next(c for c in data["checks"] if c["name"].startswith("attention-only LoRA trains only"))
+    # tiny: 2 layers x rank 4 x (in + out) of q, k, v, o, all 64 x 64
+    assert floor_check["trainable_params"]["counted"] == 2 * 4 * 4 * (64 + 64) == params["attention_only"]
+    assert floor_check["outside_attention"] == []
+    summary = data["summary"]
+    assert set(summary) >= {"hellora_throughput_over_peft", "lora_throughput_over_peft", "hellora_over_floor",
+                            "peft_over_floor", "lora_over_floor"}  # fmt: skip
+    assert summary["peft_over_floor"] == by["peft"]["ratio_to_floor"]
+    assert "x attention-only" in markdown and "PEFT ms / this" in markdown and "FAIL" not in markdown
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--hidden", "100", "--heads", "3"], "3 attention heads do not divide hidden size 100"),
+        (["--hidden", "100"], "head dimension 100 / 4 = 25 is odd"),
+        (["--tokens", "250"], "--tokens 250 is not a multiple of the batch 4 (the preset's)"),
+        (["--tokens", "250", "--seq-len", "100"], "--tokens 250 is not a multiple of --seq-len 100"),
+        (["--tokens", "256", "--batch", "4", "--seq-len", "32"], "--tokens 256 != --batch 4 x --seq-len 32"),
+        (["--experts", "8", "--top-k", "9"], "--top-k 9 is more than the 8 experts"),
+        (["--rank", "0"], "--rank must be a positive integer, got 0"),
+    ],
+)
+def test_train_throughput_refuses_bad_shape_before_building(bench, monkeypatch, capsys, options, message):
+    train_throughput = bench("train_throughput")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the options were checked")
+
+    monkeypatch.setattr(train_throughput, "make_model", no_model)
+    with pytest.raises(SystemExit) as exit_info:
+        train_throughput.main(["--device", "cpu", "--shape", "cpu", *options])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and "(base preset: --shape cpu)" in error
+
+
+def test_train_throughput_custom_shape_reaches_the_model(bench):
+    train_throughput = bench("train_throughput")
+    argv = ["--shape", "tiny", "--hidden", "32", "--heads", "2", "--intermediate", "24", "--experts", "6",
+            "--top-k", "3", "--layers", "1", "--tokens", "12", "--rank", "2"]  # fmt: skip
+    args = train_throughput.parse_args(argv)
+    setup, base = args.setup, train_throughput.SETUPS["tiny"]
+    assert args.custom and (setup.batch, setup.seq_len, setup.rank) == (base.batch, 6, 2)  # the preset's batch 2
+
+    model = train_throughput.make_model(setup, torch.device("cpu"), seed=0)
+    (layer,) = model.model.layers
+    assert model.config.num_experts == 6 and model.config.num_experts_per_tok == 3
+    assert tuple(layer.mlp.gate.weight.shape) == (6, 32)
+    assert tuple(layer.mlp.experts.down_proj.shape) == (6, 32, 24)
+    batch = train_throughput.make_batch(setup, setup.config["vocab_size"], torch.device("cpu"), seed=1)
+    assert tuple(batch["input_ids"].shape) == (2, 6)
+    plan = train_throughput.adapt(model, "hellora", batch, setup.rank, "torch")
+    assert (plan.num_experts, plan.top_k, plan.rank) == (6, 3, 2)
+    assert [len(layer.hot_experts) for layer in plan.layers] == [3]  # HELLoRA keeps top-k experts per layer
+
+    stem = train_throughput.results_stem("tiny", setup, base, args.custom, torch.device("cpu"), None)
+    assert stem == "train_throughput_tiny_h32_i24_e6_k3_l1_t12_r2_cpu"
+    by_seq = train_throughput.parse_args(["--shape", "tiny", "--tokens", "12", "--seq-len", "3"]).setup
+    assert (by_seq.batch, by_seq.seq_len) == (4, 3)
+    preset = train_throughput.parse_args(["--shape", "tiny"])
+    assert not preset.custom and preset.setup == base
 
 
 def test_sandbox_timing_smoke(bench, tmp_path, shared_data):
