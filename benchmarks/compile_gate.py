@@ -73,8 +73,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtypes", help="activation dtypes (bf16, fp16, fp32); adapters are fp32")
     ap.add_argument("--modes", help="train (forward + backward) and/or eval (no-grad forward)")
     ap.add_argument("--cc", help="targets as compute capabilities: 90, 80, 89 (86 = 89's limit)")
-    ap.add_argument("--tokens", help="token counts whose launches are compiled; full: auto = per shape, the counts "
-                    "that make the launcher pick BLOCK_M 64, 32 and 16 (OLMoE: 4096,256,64)")
+    ap.add_argument(
+        "--tokens",
+        help="token counts whose launches are compiled; full: auto = per shape, the counts "
+        "that make the launcher pick BLOCK_M 64, 32 and 16 (OLMoE: 4096,192,64)",
+    )
     ap.add_argument("--key-check-tokens", help="extra token counts captured for the autotune-key check only")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     ap.add_argument("--hot", type=int, default=8, help="hot experts (at most the layer's experts; default 8)")
@@ -149,9 +152,9 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def prepare_environment() -> str:
-    """Before triton_jit is imported: no interpreter, a fresh cache (ptxas logs only on a miss), fp fusion explicit."""
+    """Before triton_jit is imported: no interpreter, a fresh cache (ptxas logs only on a miss). Fp fusion comes
+    with each launch's own options (triton_jit.FP_FUSION), as on a GPU."""
     os.environ.pop("TRITON_INTERPRET", None)
-    os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns that its default flips in 3.10
     cache = tempfile.mkdtemp(prefix="hellora_compile_gate_")
     os.environ["TRITON_CACHE_DIR"] = cache
     return cache
@@ -222,6 +225,15 @@ def key_collisions(launches: Sequence[Launch]) -> list[str]:
     return found
 
 
+def _unwrap(fn):
+    """The JITFunction under an autotuner (or heuristics) wrapper."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(fn, JITFunction):
+        fn = fn.fn
+    return fn
+
+
 class _Recorder:
     """Autotuner.run / JITFunction.run replaced by a recorder for the duration of one capture."""
 
@@ -238,10 +250,11 @@ class _Recorder:
         def record_tuned(tuner, *args, **kwargs):
             grid = kwargs.pop("grid")
             kwargs.pop("warmup", None)
-            fn = tuner.fn
-            while not isinstance(fn, JITFunction):
-                fn = fn.fn
-            calls.append(dict(fn=fn, tuner=tuner, args=args, kwargs=kwargs, grid=grid, configs=list(tuner.configs)))
+            calls.append(
+                dict(
+                    fn=_unwrap(tuner.fn), tuner=tuner, args=args, kwargs=kwargs, grid=grid, configs=list(tuner.configs)
+                )
+            )
 
         def record_jit(fn, *args, grid, warmup, **kwargs):
             calls.append(dict(fn=fn, tuner=None, args=args, kwargs=kwargs, grid=grid, configs=[None]))
@@ -369,7 +382,7 @@ class Specializer:
             backend = make_backend(GPUTarget("cuda", cc, 32))
             self._binders[fn, cc] = (backend, create_function_from_signature(fn.signature, fn.params, backend))
         backend, binder = self._binders[fn, cc]
-        kwargs = {"enable_fp_fusion": True, **call["kwargs"], **(config.all_kwargs() if config is not None else {})}
+        kwargs = {**call["kwargs"], **(config.all_kwargs() if config is not None else {})}
         bound, specialization, options = binder(*call["args"], **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
         grid = call["grid"]
@@ -390,7 +403,7 @@ def expand(call: dict, launch: Launch, ccs: Sequence[int], specializer: Speciali
     named = {**dict(zip(tuner.arg_names, call["args"])), **call["kwargs"]} if tuner is not None else {}
     for cc in ccs:
         configs = call["configs"]
-        kept = K.fitting_configs(configs, named, SMEM_LIMIT[cc], cc=cc) if tuner is not None else configs
+        kept = K.fitting_configs(launch.kernel, configs, named, SMEM_LIMIT[cc], cc=cc) if tuner is not None else configs
         launch.pruned += [(cc, c) for c in configs if c not in kept]
         if not kept:
             launch.unfit.append(cc)
@@ -443,14 +456,9 @@ _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def _jit_function(name: str):
-    from triton.runtime.jit import JITFunction
-
     from hellora_pl.kernels import triton_jit as K
 
-    fn = getattr(K, name)
-    while not isinstance(fn, JITFunction):
-        fn = fn.fn
-    return fn
+    return _unwrap(getattr(K, name))
 
 
 def compile_one(index: int) -> dict:

@@ -314,7 +314,7 @@ def run_step(plan: StepPlan, args: argparse.Namespace, timeout: float, env: dict
     else:
         (step_dir / "result.json").unlink(missing_ok=True)
         command = [sys.executable, str(Path(__file__).resolve()), "--child", plan.name, "--out", str(args.out)]
-        command += (["--tiny"] if args.tiny else []) + timing_flags(args)
+        command += (["--tiny"] if args.tiny else []) + timing_argv(args)  # the child resolves them the same way
         rc, seconds = run_bounded(command, timeout, log, env)
         result = child_result(step_dir / "result.json", rc, log)
     if rc is None:
@@ -322,11 +322,6 @@ def run_step(plan: StepPlan, args: argparse.Namespace, timeout: float, env: dict
     result.name, result.seconds, result.budget_s = plan.name, round(seconds, 1), plan.budget_s
     result.files = sorted(str(p.relative_to(args.out)) for p in step_dir.rglob("*") if p.is_file())
     return result
-
-
-def timing_flags(args: argparse.Namespace) -> list[str]:
-    flags = [] if args.warmup is None else ["--warmup", str(args.warmup)]
-    return flags + ([] if args.repeats is None else ["--repeats", str(args.repeats)])
 
 
 def kernel_test_result(junit: Path, rc: int | None, log: Path) -> StepResult:

@@ -39,6 +39,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import peft
 import torch
@@ -63,6 +64,7 @@ from hellora_pl.adapters import adapter_state_dict, export_peft, inject_adapters
 from hellora_pl.adapters.methods import resolve_method
 from hellora_pl.backbones import BackboneConfig
 from hellora_pl.backbones.shapes import SHAPES as MODEL_SHAPES
+from hellora_pl.kernels import ExpertKernel
 from hellora_pl.loading import load_backbone
 from hellora_pl.routing import RoutingRecorder
 
@@ -74,7 +76,6 @@ LABELS = {
     "hellora": "hellora_pl HELLoRA (hot experts)",
     "peft": "PEFT LoRA (all experts)",
 }
-EXPERT_KERNELS = ("auto", "torch", "triton")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -365,7 +366,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sizes.add_argument("--rank", type=int, default=None, help="LoRA rank of every adapter")
     sizes.add_argument("--batch", type=int, default=None, help="sequences per step (default: the shape's)")
     sizes.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the shape's)")
-    parser.add_argument("--expert-kernel", default="auto", choices=EXPERT_KERNELS, help="hellora_pl expert kernel")
+    parser.add_argument(
+        "--expert-kernel", default="auto", choices=get_args(ExpertKernel), help="hellora_pl expert kernel"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)

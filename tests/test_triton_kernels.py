@@ -379,6 +379,7 @@ def _named(kernel, dtype, prec, block_m=64, rank=16, adapter=torch.float32):
             "m_ptr": t(1, 2048, rank, dt=adapter), "dst_ptr": t(8, dt=torch.int32), **common}  # fmt: skip
 
 
+KERNELS = {"gate_up": "_gate_up_fwd_kernel", "gemm": "_grouped_gemm_kernel"}
 # Per-block shared memory (sm_90, sm_80, sm_86/89) and figures the compiler gave (triton 3.9, ptxas, gate table).
 LIMITS = {90: 232_448, 80: 166_912, 89: 101_376}
 MEASURED = [  # (kernel, dtype, prec, config entry, cc, metadata.shared)
@@ -398,9 +399,9 @@ def test_shared_memory_estimate_is_never_below_the_compiler(kernel, dtype, prec,
 
     (config,) = K._cuda_configs([entry])
     named = _named(kernel, dtype, prec)
-    estimate = K.shared_bytes_estimate(config, named, cc)
+    estimate = K.shared_bytes_estimate(KERNELS[kernel], config, named, cc)
     assert shared <= estimate <= 1.25 * shared
-    assert shared <= K.shared_bytes_estimate(config, named)  # unknown target: the worst case
+    assert shared <= K.shared_bytes_estimate(KERNELS[kernel], config, named)  # unknown target: the worst case
 
 
 def test_fitting_configs_drop_what_a_101_kb_card_cannot_hold():
@@ -408,17 +409,19 @@ def test_fitting_configs_drop_what_a_101_kb_card_cannot_hold():
 
     fp32 = _named("gate_up", torch.float32, "ieee")
     big = K._cuda_configs([{"BLOCK_N": 128, "BLOCK_K": 64, "w": 8, "s": 3}])  # 163,840 B compiled on sm_80/89
-    assert K.fitting_configs(big, fp32, LIMITS[89], 89) == [] and K.fitting_configs(big, fp32, LIMITS[90], 90) == big
+    gate_up = KERNELS["gate_up"]
+    assert K.fitting_configs(gate_up, big, fp32, LIMITS[89], 89) == []
+    assert K.fitting_configs(gate_up, big, fp32, LIMITS[90], 90) == big
     lists = {"gate_up": K._cuda_configs(K._GATE_UP_CUDA), "gemm": K._cuda_configs(K._GEMM_CUDA)}
     for kernel, configs in lists.items():
         for dtype, prec in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "ieee")):
             for block_m in (16, 64):
                 named = _named(kernel, dtype, prec, block_m)
                 for cc, limit in LIMITS.items():
-                    kept = K.fitting_configs(configs, named, limit, cc)
+                    kept = K.fitting_configs(KERNELS[kernel], configs, named, limit, cc)
                     assert len(kept) >= 2, (kernel, dtype, block_m, cc)  # something left to tune
                     assert all(("ieee" if prec == "ieee" else "tc") in c.dots for c in kept)
-                    assert all(K.shared_bytes_estimate(c, named, cc) <= limit for c in kept)
+                    assert all(K.shared_bytes_estimate(KERNELS[kernel], c, named, cc) <= limit for c in kept)
 
 
 def test_prune_refuses_to_launch_nothing(monkeypatch):

@@ -112,22 +112,6 @@ _EPILOGUE_TILES = {
     "_grouped_gemm_kernel": (("BLOCK_M", "BLOCK_R", "s_ptr", 1), ("BLOCK_R", "BLOCK_N", "m_ptr", 1)),
     "_down_bwd_kernel": (("BLOCK_M", "BLOCK_R", "p_ptr", 1), ("BLOCK_R", "BLOCK_N", "a_ptr", 1)),
 }
-# An argument that tells which kernel a set of named args belongs to (checked in this order: lora_grad
-# also takes src_ptr).
-_MARKERS = {
-    "gu_ptr": "_gate_up_fwd_kernel",
-    "dst_ptr": "_grouped_gemm_kernel",
-    "dgu_ptr": "_down_bwd_kernel",
-    "l_ptr": "_lora_grad_kernel",
-    "src_ptr": "_shrink_kernel",
-}
-
-
-def _kernel_of(named_args: dict) -> str:
-    for marker, kernel in _MARKERS.items():
-        if marker in named_args:
-            return kernel
-    raise ValueError(f"fitting_configs: no kernel of triton_jit takes the arguments {sorted(named_args)}")
 
 
 def _tiles_bytes(tiles, values: dict, named_args: dict) -> int:
@@ -143,14 +127,17 @@ def _tiles_bytes(tiles, values: dict, named_args: dict) -> int:
     return total
 
 
-def shared_bytes_estimate(config: triton.Config, named_args: dict, cc: int | None = None) -> int:
-    """A conservative estimate of the shared memory one launch of `config` needs.
+def shared_bytes_estimate(kernel: str, config: triton.Config, named_args: dict, cc: int | None = None) -> int:
+    """A conservative estimate of the shared memory one launch of `kernel` (its name) with `config` needs.
 
     The main loop buffers its operand tiles once per stage: num_stages times with Hopper's wgmma (sm_90+,
     16-bit or tf32 dots), num_stages - 1 times with cp.async (sm_80/89, or "ieee" fp32 dots); unknown `cc`
     takes the larger. The LoRA epilogue reuses that memory, so the estimate is the larger of the two.
     """
-    kernel = _kernel_of(named_args)
+    if kernel not in _STAGE_TILES:
+        raise ValueError(
+            f"shared_bytes_estimate: {kernel!r} is not a kernel of triton_jit; known: {sorted(_STAGE_TILES)}"
+        )
     values = {**named_args, **config.all_kwargs()}
     wgmma = cc is None or (cc >= 90 and values.get("PREC") != "ieee")
     stages = config.num_stages if wgmma else config.num_stages - 1
@@ -159,10 +146,11 @@ def shared_bytes_estimate(config: triton.Config, named_args: dict, cc: int | Non
 
 
 def fitting_configs(
-    configs: list[triton.Config], named_args: dict, smem_bytes: int, cc: int | None = None
+    kernel: str, configs: list[triton.Config], named_args: dict, smem_bytes: int, cc: int | None = None
 ) -> list[triton.Config]:
-    """The configs that fit a launch: estimated shared memory (`shared_bytes_estimate`) within `smem_bytes`
-    per block, and meant for its kind of dots (tensor cores, or "ieee" when PREC is; see `_cuda_configs`).
+    """The configs that fit a launch of `kernel` (its name): estimated shared memory (`shared_bytes_estimate`)
+    within `smem_bytes` per block, and meant for its kind of dots (tensor cores, or "ieee" when PREC is; see
+    `_cuda_configs`).
 
     `named_args`: the kernel's argument names -> values, constexprs included (the autotuner's nargs and
     kwargs). `cc`: the compute capability as 80, 89, 90; None estimates for the worst case.
@@ -171,7 +159,7 @@ def fitting_configs(
     return [
         c
         for c in configs
-        if dots in getattr(c, "dots", (dots,)) and shared_bytes_estimate(c, named_args, cc) <= smem_bytes
+        if dots in getattr(c, "dots", (dots,)) and shared_bytes_estimate(kernel, c, named_args, cc) <= smem_bytes
     ]
 
 
@@ -190,7 +178,7 @@ def _prune_for(kernel: str):
         if INTERPRET:
             return configs
         smem, cc = _device_limits()
-        kept = fitting_configs(configs, {**nargs, **kwargs}, smem, cc)
+        kept = fitting_configs(kernel, configs, {**nargs, **kwargs}, smem, cc)
         if not kept:
             raise RuntimeError(
                 f"{kernel}: no autotune config fits the device's {smem} B of shared memory per block (sm_{cc}) "
