@@ -288,6 +288,27 @@ def test_run_program_kills_and_reports_what_outlives_a_run():
     assert run_processes(result) == []
 
 
+def test_survivors_are_gone_when_run_program_returns(monkeypatch):
+    """SIGKILL is delivered asynchronously: on a loaded CI machine a killed daemon was still running
+    when run_program returned (the test above failed once in ~40 runs). Here every kill the sandbox
+    sends lands 0.3 s late; run_program must still return only once the survivor has exited."""
+    import threading
+
+    from hellora_pl.evaluation import sandbox
+
+    real_kill = os.kill
+
+    def late_kill(pid: int, sig: int) -> None:
+        threading.Timer(0.3, real_kill, (pid, sig)).start()
+
+    monkeypatch.setattr(sandbox.os, "kill", late_kill)
+    daemon = REPORT_RUN + DISARM + "import time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n"
+    result = run_program(daemon, LIMITS, layers=MODES["audit"])
+    monkeypatch.undo()
+    assert result.status == "error" and "outlived" in result.reason, result
+    assert run_processes(result) == []
+
+
 def test_signals_to_the_program_still_end_it():
     """The runner forks the program and reports its end: a kill by signal keeps its name."""
     no_hook = tuple(layer for layer in MODES["own"] if layer != "audit")

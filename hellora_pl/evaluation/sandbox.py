@@ -292,13 +292,14 @@ class _Report:
     returncode: int | None  # None: the supervisor never reported (killed on timeout)
 
 
-def _kill_survivors(marker: str, session: int, wait_s: float = 1.0) -> int:
+def _kill_survivors(marker: str, session: int, wait_s: float = 1.0, reap_s: float = 5.0) -> int:
     """Check that no process of the run is left, kill any that is, and return how many there were.
 
     A process of the run is one whose environment holds this run's ``marker`` (every process the
     program starts inherits it) or that is still in the runner's session. PID namespaces make this
     structural (their init takes every member with it); the check waits up to ``wait_s`` for the
-    kernel to finish that after the group kill before it counts anything as a survivor.
+    kernel to finish that after the group kill before it counts anything as a survivor, and up to
+    ``reap_s`` for the survivors it kills to have exited.
     """
     if not os.path.isdir("/proc/self"):
         return 0
@@ -314,7 +315,29 @@ def _kill_survivors(marker: str, session: int, wait_s: float = 1.0) -> int:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    _wait_gone(left, reap_s)
     return len(left)
+
+
+def _wait_gone(pids: list[int], within_s: float) -> None:
+    """Wait up to ``within_s`` until every pid has exited (gone or a zombie).
+
+    SIGKILL is delivered asynchronously: on a loaded machine a killed process can still be running
+    its exit when ``kill`` returns, so without this wait a caller could see it alive after being
+    told it was killed.
+    """
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
 
 
 def _members(needle: bytes, session: int) -> list[int]:
