@@ -37,7 +37,7 @@ from .callbacks import (
     RoutingProfilerCallback,
     RunSummary,
 )
-from .callbacks.injection import check_injection_settings
+from .callbacks.injection import check_injection_settings, check_reselection_watch
 from .callbacks.progress import StepBoundProgressBar
 from .datamodules.paths import check_data_files
 from .module import HelloraModule, check_vocabulary
@@ -86,6 +86,8 @@ class HelloraCLI(LightningCLI):
         self._check_companions(config)
         h = config.hellora
         check_injection_settings(h.rank, h.alpha, h.dropout, h.adapter_dtype, h.router_rank, h.adapter_path)
+        if self.subcommand in (None, "fit"):
+            check_reselection_watch(h.reselect_every_n_steps, config.profiler.watch_every_n_steps)
         if self.subcommand and config.get("data") is not None:
             check_data_files(_datamodule_alone(config.data), self.subcommand)
 

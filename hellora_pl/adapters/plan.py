@@ -12,7 +12,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PLAN_FORMAT_VERSION = 2
+PLAN_FORMAT_VERSION = 3  # the newest this code reads
+# A plan is written with the oldest version that describes it: 3 only once it records a routing
+# re-selection (`reselections`), so older readers refuse such a plan by its version, not by a bad key.
+BASE_FORMAT_VERSION = 2
+RESELECTION_FORMAT_VERSION = 3
 METHODS = ("lora", "hellora", "attention_only", "hellori", "dr_lora", "esft")
 LORI_GRANULARITIES = ("model", "layer", "matrix")
 SALIENCY_COMBINATIONS = ("sum", "product")
@@ -143,7 +147,11 @@ class AdapterPlan:
     # Hybrid decoders: per layer type (the class of a layer's attention-like module) the projections
     # adapted on it. Empty when every layer has the same one: `attention_modules` then says it all.
     mixer_projections: dict[str, list[str]] = field(default_factory=dict)
-    format_version: int = PLAN_FORMAT_VERSION
+    # Routing re-selections during training (HotExpertInjectionCallback(reselect_every_n_steps), an
+    # extension beyond the paper): one {"step", "layer", "added", "hot_now", "tokens"} per layer that
+    # gained experts, in order. `layers[*].hot_experts` already holds the experts added.
+    reselections: list[dict] = field(default_factory=list)
+    format_version: int = BASE_FORMAT_VERSION
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -187,6 +195,26 @@ class AdapterPlan:
             )
         entry.expert_ranks = [int(r) for r in ranks]
 
+    def add_hot_experts(self, layer: int, added: list[int], step: int, hot_now: list[int], tokens: int) -> None:
+        """Re-selection: MoE layer `layer` adapts `added` experts too from optimizer step `step` on
+        (`hot_now`: what the policy chose from `tokens` recent routed tokens). Experts are never removed."""
+        entry = next((e for e in self.layers if e.layer == layer), None)
+        if entry is None:
+            raise ValueError(f"The plan has no MoE layer {layer}.")
+        added = sorted({int(e) for e in added})
+        if not added or set(added) & set(entry.hot_experts) or added[0] < 0 or added[-1] >= self.num_experts:
+            raise ValueError(
+                f"Layer {layer}: experts to add {added} must be new (adapted: {entry.hot_experts}) and within "
+                f"0..{self.num_experts - 1}."
+            )
+        if self.dynamic_rank is not None or self.lori is not None or self.expert_adapter != "lora":
+            raise ValueError(f"A {self.method} plan cannot gain experts during training.")
+        entry.hot_experts = sorted(entry.hot_experts + added)
+        self.reselections.append(
+            {"step": int(step), "layer": layer, "added": added, "hot_now": sorted(hot_now), "tokens": int(tokens)}
+        )
+        self.format_version = max(self.format_version, RESELECTION_FORMAT_VERSION)
+
     # -- saving --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -194,12 +222,14 @@ class AdapterPlan:
         data["dynamic_rank"] = None if self.dynamic_rank is None else self.dynamic_rank.to_dict()
         if not self.mixer_projections:
             del data["mixer_projections"]  # plans of uniform decoders read as before
+        if not self.reselections:
+            del data["reselections"]  # plans without re-selection read as before
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> AdapterPlan:
         data = dict(data)
-        version = data.get("format_version", PLAN_FORMAT_VERSION)
+        version = data.get("format_version", BASE_FORMAT_VERSION)
         if version > PLAN_FORMAT_VERSION:
             raise ValueError(
                 f"This plan has format version {version}, newer than this hellora_pl understands "

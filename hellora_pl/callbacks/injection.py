@@ -18,7 +18,9 @@ from ..adapters import (
     load_adapter_weights,
     remove_adapters,
     save_adapter,
+    update_trainable_params,
 )
+from ..adapters.growth import grow_expert_adapters, move_optimizer_state
 from ..adapters.io import (
     ADAPTER_FILE,
     PLAN_FILE,
@@ -31,7 +33,7 @@ from ..adapters.liveness import check_liveness
 from ..adapters.methods import MethodName, PlanSettings, method_defaults, resolve_method
 from ..backbones import architecture_for
 from ..kernels.dispatch import IMPLEMENTATIONS, ExpertKernel
-from ..routing import HotExpertPolicy
+from ..routing import AllExperts, HotExpertPolicy, RoutingProfile, policy_from_description
 from ..sharding import full_tensors, is_sharded, shard_like
 from .logging import log_scalars, log_text
 from .protocol import PlanCompanion, backbone_of
@@ -69,6 +71,19 @@ class HotExpertInjectionCallback(Callback):
     (`hellora_pl.adapters.liveness`); a dead site stops the fit naming it. It runs under
     fast_dev_run too (a dry run is where a dead adapter should show) and on every rank of a
     distributed run. Switching it off warns.
+
+    `reselect_every_n_steps` (0: off; an extension beyond the paper) answers routing drift: every
+    that many optimizer steps, the plan's policy chooses hot experts again from the routing the
+    RoutingProfilerCallback watched since the last re-selection (its `watch_every_n_steps` must be
+    between 1 and this), and experts it chooses that have no adapter get one (A as at injection,
+    B zero, so the output does not change); trained adapters keep their values bit for bit and
+    their optimizer state, the new tensors join the optimizer in the old ones' places, and experts
+    are never removed. The plan records each addition (`reselections`: step, layer, added
+    experts), so plan.json, checkpoints and a resume carry the grown adapters: resuming injects the
+    grown plan before the optimizer is built and its state loaded, which makes the resume exact.
+    It lives here rather than on the profiler because this callback owns the plan, the adapters
+    and their checkpointing. Methods whose expert set is fixed refuse it (see
+    `RESELECTION_REFUSED`), and so do multi-process runs (DDP and FSDP register parameters once).
     """
 
     consumes_routing_profile = True  # RoutingProfilerCallback leaves profiling to this callback's setup
@@ -93,10 +108,14 @@ class HotExpertInjectionCallback(Callback):
         model_attribute: str = "model",
         expert_kernel: ExpertKernel = "auto",
         liveness: bool = True,
+        reselect_every_n_steps: int = 0,
     ):
         if expert_kernel not in IMPLEMENTATIONS:
             raise ValueError(f"Unknown expert_kernel {expert_kernel!r}; choose one of {', '.join(IMPLEMENTATIONS)}.")
         check_injection_settings(rank, alpha, dropout, adapter_dtype, router_rank, adapter_path)
+        check_reselection(reselect_every_n_steps, method, hot_experts, experts)
+        self.reselect_every_n_steps = reselect_every_n_steps
+        self._reselected_at: int | None = None  # global step of the last re-selection (accumulation: once)
         self.expert_kernel = expert_kernel
         self.method = method_defaults(method).name
         self.hot_experts = hot_experts if hot_experts is not None else method_defaults(method).policy()
@@ -131,6 +150,8 @@ class HotExpertInjectionCallback(Callback):
         # state), so Lightning must load it non-strictly; on_load_checkpoint checks them.
         pl_module.strict_loading = False
         model = self._model = backbone_of(pl_module, self.model_attribute)
+        if stage == "fit" and self.reselect_every_n_steps:
+            self._check_reselection_run(trainer)
         if is_injected(model):
             return  # a second stage in the same process (fit, then test)
         saved = checkpoint_plan(trainer.ckpt_path, self.state_key)
@@ -299,6 +320,10 @@ class HotExpertInjectionCallback(Callback):
         )
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        self._maybe_reselect(trainer)
+        self._run_liveness(trainer, batch)
+
+    def _run_liveness(self, trainer: Trainer, batch) -> None:
         """The liveness probe, once per fit, on the first batch: before the optimizer's first step."""
         if not self._liveness_pending or self.plan is None:
             return
@@ -316,11 +341,97 @@ class HotExpertInjectionCallback(Callback):
                 watch.armed = armed
         rank_zero_info(f"[hellora] {report.summary()}")
 
+    # -- re-selection (an extension beyond the paper) ----------------------------------------
+    def _check_reselection_run(self, trainer: Trainer) -> None:
+        """What re-selection needs from the trainer, before any profiling: a watch that feeds it, one process."""
+        profiler = _find(trainer, RoutingProfilerCallback)
+        check_reselection_watch(self.reselect_every_n_steps, None if profiler is None else profiler.watch_every_n_steps)
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"reselect_every_n_steps runs in one process only; this run has {trainer.world_size}. DDP and FSDP "
+                "register the trainable parameters once, so adapters added later would not be synchronised. "
+                "Train on one device, or set reselect_every_n_steps=0."
+            )
+
+    def _maybe_reselect(self, trainer: Trainer) -> None:
+        """At the first batch after every `reselect_every_n_steps`-th optimizer step (before its forward).
+
+        Not at that step's end: a checkpoint saved there (by any callback, in any order) then always
+        holds the state before the re-selection, and a run resumed from it re-selects here from the
+        same restored routing; `_reselected_at` (kept in checkpoints) makes it happen once per step.
+        """
+        step = trainer.global_step
+        if not self.reselect_every_n_steps or self.plan is None or step == 0 or step == self._reselected_at:
+            return
+        if step % self.reselect_every_n_steps != 0:
+            return
+        self._reselected_at = step
+        routing = _find(trainer, RoutingProfilerCallback).take_recent_routing()
+        if routing is None or routing.tokens == 0:
+            rank_zero_info(f"[hellora] re-selection at step {step}: no routing was watched since the last one")
+            return
+        self.reselect(trainer, routing, step)
+
+    def reselect(self, trainer: Trainer, routing: RoutingProfile, step: int) -> dict[int, list[int]]:
+        """Choose hot experts from `routing` with the plan's policy; add adapters on those without one.
+        Returns the experts added per MoE layer."""
+        plan = self.plan
+        hot_now = self._plan_policy().select(routing)
+        adapted = plan.hot_experts()
+        added = {
+            layer: sorted(set(now) - set(adapted[layer]))
+            for layer, now in zip(routing.layers, hot_now)
+            if adapted.get(layer) and set(now) - set(adapted[layer])
+        }
+        if not added:
+            rank_zero_info(f"[hellora] re-selection at step {step}: every hot expert already has an adapter")
+            return {}
+        grown = grow_expert_adapters(self._model, added, seed=step)
+        move_optimizer_state(trainer.optimizers, grown)
+        for row, layer in enumerate(routing.layers):
+            if layer in added:
+                plan.add_hot_experts(layer, added[layer], step, hot_now[row], routing.tokens)
+        update_trainable_params(self._model, plan)
+        summary = "; ".join(f"layer {layer}: +{experts}" for layer, experts in added.items())
+        rank_zero_info(
+            f"[hellora] re-selection at step {step} ({routing.tokens} watched tokens): adapters added on {summary}; "
+            f"trainable parameters now {trainable_summary(plan)}"
+        )
+        log_scalars(
+            trainer,
+            {
+                "hellora/trainable_params": plan.trainable_params,
+                "routing/drift/added_experts": float(sum(len(e) for e in added.values())),
+            },
+            step,
+        )
+        log_text(trainer, "hellora/reselection", f"step {step}: {summary}", step)
+        return added
+
+    def _plan_policy(self) -> HotExpertPolicy:
+        """The plan's own policy (the plan may come from a checkpoint whose policy differs from `hot_experts`)."""
+        if self.hot_experts.describe() == self.plan.policy:
+            return self.hot_experts
+        policy = policy_from_description(self.plan.policy)
+        if policy is None:
+            raise ValueError(
+                f"reselect_every_n_steps needs the plan's hot-expert policy, but {self.plan.policy} cannot be "
+                "rebuilt from plan.json; use a hellora_pl.routing policy, or one whose describe() gives its "
+                "constructor's arguments."
+            )
+        return policy
+
     # -- saving --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         if self.plan is None:
             return {}
-        return {"plan": self.plan.to_dict(), "adapters": self._adapter_copies()}
+        state = {"plan": self.plan.to_dict(), "adapters": self._adapter_copies()}
+        if self._reselected_at is not None:
+            state["reselected_at"] = self._reselected_at
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._reselected_at = state_dict.get("reselected_at")  # the plan and adapters: on_load_checkpoint
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if self.plan is None:
@@ -383,6 +494,54 @@ def check_injection_settings(rank, alpha, dropout, adapter_dtype, router_rank, a
                 f"adapter_path {str(adapter_path)!r} has no {' or '.join(missing)}; give the hellora/ folder "
                 "a fit wrote (it holds plan.json and adapter.safetensors)."
             )
+
+
+# Methods whose expert set is fixed, and why re-selection does not apply to them.
+RESELECTION_REFUSED = {
+    "lora": "it adapts every expert already",
+    "dr_lora": "it adapts every expert already, with ranks grown within a budget set by the adapted experts",
+    "attention_only": "it has no expert adapters",
+    "esft": "ESFT's experts are fixed from the task's routing before training (that choice is the method), "
+    "and each would cost a full-rank delta",
+    "hellori": "LoRI's sparse B mask is chosen over all adapters at once, so a new expert would have no mask "
+    "(or change everyone's)",
+}
+
+
+def check_reselection(every: int, method: str, hot_experts: HotExpertPolicy | None, experts: bool | None) -> None:
+    """reselect_every_n_steps against the method and policy, when the callback is built."""
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise ValueError(
+            f"reselect_every_n_steps must be an integer >= 0 (0: off), got {every!r}; e.g. 200 re-selects hot "
+            "experts every 200 optimizer steps."
+        )
+    if every == 0:
+        return
+    name = method_defaults(method).name
+    if name in RESELECTION_REFUSED:
+        raise ValueError(
+            f"reselect_every_n_steps does not apply to method {name!r}: {RESELECTION_REFUSED[name]}. "
+            "Use method 'hellora', or reselect_every_n_steps=0."
+        )
+    if experts is False:
+        raise ValueError("reselect_every_n_steps needs expert adapters, but experts=false; set it to 0.")
+    if isinstance(hot_experts, AllExperts):
+        raise ValueError(
+            "reselect_every_n_steps does not apply to hot_experts=AllExperts: every expert is adapted already. "
+            "Choose TopKPerLayer, FractionPerLayer or CoveragePerLayer, or set reselect_every_n_steps=0."
+        )
+
+
+def check_reselection_watch(every: int, watch: int | None) -> None:
+    """Re-selection reads the routing the profiler watches: `watch` (its watch_every_n_steps; None
+    without a RoutingProfilerCallback) must be in 1..`every` (the CLI checks this before loading a model)."""
+    if every and not (watch is not None and 1 <= watch <= every):
+        found = "there is none" if watch is None else f"its watch_every_n_steps is {watch}"
+        raise ValueError(
+            f"reselect_every_n_steps={every} chooses experts from the routing a RoutingProfilerCallback watches "
+            f"during training, but {found}; set RoutingProfilerCallback(watch_every_n_steps=...) "
+            f"(--profiler.watch_every_n_steps) to a value in 1..{every}."
+        )
 
 
 def checkpoint_plan(ckpt_path, state_key: str) -> AdapterPlan | None:

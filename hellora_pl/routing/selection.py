@@ -119,3 +119,26 @@ class AllExperts(HotExpertPolicy):
 
     def select_all(self, num_layers: int, num_experts: int) -> list[list[int]]:
         return [list(range(num_experts)) for _ in range(num_layers)]
+
+
+def _policy_classes(base: type = HotExpertPolicy) -> list[type]:
+    found = []
+    for cls in base.__subclasses__():
+        found += [cls, *_policy_classes(cls)]
+    return found
+
+
+def policy_from_description(description: dict) -> HotExpertPolicy | None:
+    """The policy a plan's `policy` field describes (`HotExpertPolicy.describe()`), rebuilt; None when no
+    loaded policy class has that name or its arguments do not fit (a policy of one's own that
+    `describe` does not round-trip)."""
+    arguments = dict(description)
+    name = arguments.pop("name", None)
+    for cls in _policy_classes():
+        if getattr(cls, "name", None) == name and not getattr(cls, "__abstractmethods__", None):
+            try:
+                policy = cls(**arguments)
+            except (TypeError, ValueError):
+                return None
+            return policy if policy.describe() == description else None
+    return None
