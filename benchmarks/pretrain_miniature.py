@@ -1,4 +1,4 @@
-"""Pretrain the miniature OLMoE that hellora_pl ships: real text from three domains, 2 CPU cores.
+"""Pretrain the miniature OLMoE that hellora_pl ships: real text from three domains, one CPU core.
 
     python benchmarks/pretrain_miniature.py --python-docs pydoc/usr/share/doc/python3.11/html/_sources
 
@@ -42,7 +42,7 @@ STATE = "state.pt"
 @dataclass(frozen=True)
 class Recipe:
     seed: int = 0
-    steps: int = 2400
+    steps: int = 1600
     batch: int = 16
     seq: int = 256
     lr: float = 3e-3
@@ -58,7 +58,7 @@ class Recipe:
     top_k: int = 4
     expert_width: int = 64
     val_windows: int = 64
-    threads: int = 2
+    threads: int = 1
 
 
 def olmoe_config(recipe: Recipe, tokenizer):
@@ -261,7 +261,7 @@ def model_card(card: dict) -> str:
     )
     return f"""# hellora-mini-olmoe
 
-A miniature OLMoE pretrained by hellora_pl on 2 CPU cores, so that its routing means something:
+A miniature OLMoE pretrained by hellora_pl on one CPU core, so that its routing means something:
 HELLoRA's hot experts on it are the experts a task really uses. It is a research toy for studying
 MoE fine-tuning methods, not a useful language model.
 
@@ -269,7 +269,7 @@ MoE fine-tuning methods, not a useful language model.
   {r['experts']} experts of width {r['expert_width']} with top-{r['top_k']} routing, vocabulary {r['vocab']}, context {r['seq']}.
 - {card['parameters']:,} parameters, stored in bf16: {card['weights_bytes'] / 2**20:.1f} MiB.
 - Trained {r['steps']} steps of {r['batch']} x {r['seq']} tokens (AdamW, peak lr {r['lr']}, cosine, load-balancing
-  coefficient {r['aux_loss_coef']}), seed {r['seed']}, {r['threads']} threads: {card['train_seconds'] / 60:.0f} min of training,
+  coefficient {r['aux_loss_coef']}), seed {r['seed']}, {r['threads']} torch thread(s): {card['train_seconds'] / 60:.0f} min of training,
   {card['wall_seconds'] / 60:.0f} min in all.
 
 ## Data and licences

@@ -187,3 +187,17 @@ def test_the_shipped_miniature_loads_is_small_and_matches_its_card():
     for domain in corpus.DOMAINS:
         assert losses[domain] == pytest.approx(card["val_loss_bf16"][domain], rel=LOSS_RTOL)
         assert losses[domain] < 4.0, (domain, losses[domain])  # learned: a uniform guess over 4096 tokens is 8.3
+
+
+def test_shipped_names_resolve_to_the_models_folder_and_unknown_ones_are_refused(tmp_path, monkeypatch):
+    from hellora_pl.backbones import shipped
+    from hellora_pl.datamodules.tokenizer import load_tokenizer
+
+    assert BackboneConfig(pretrained="hellora:mini-olmoe").pretrained == str(SHIPPED)
+    assert BackboneConfig(pretrained="allenai/OLMoE-1B-7B-0924").pretrained == "allenai/OLMoE-1B-7B-0924"
+    assert len(load_tokenizer("hellora:mini-olmoe")) == json.loads((SHIPPED / "card.json").read_text())["recipe"]["vocab"]
+    with pytest.raises(ValueError, match="hellora:mini-olmoe"):
+        BackboneConfig(pretrained="hellora:mini-mixtral")
+    monkeypatch.setattr(shipped, "MODELS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="pip install -e"):
+        BackboneConfig(pretrained="hellora:mini-olmoe")

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .shipped import resolve_shipped
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -18,7 +20,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class BackboneConfig:
     """Which model to fine-tune.
 
-    Give `pretrained` (a hub id or a local directory) to load weights, or `model_type` plus
+    Give `pretrained` (a hub id, a local directory, or a model hellora_pl ships such as
+    ``hellora:mini-olmoe``) to load weights, or `model_type` plus
     `config` fields to build a randomly initialised model from a config (seeded, offline).
     With `pretrained`, `config` holds overrides applied to the loaded config. `quantization`
     ("nf4", "nf4-dq" or None) stores the frozen base in 4 bits (hellora_pl.quant, needs bitsandbytes);
@@ -35,3 +38,7 @@ class BackboneConfig:
     trust_remote_code: bool = False
     revision: str | None = None
     quantization: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pretrained is not None:
+            self.pretrained = resolve_shipped(self.pretrained)  # hellora:mini-olmoe -> its folder

@@ -5,13 +5,15 @@ from __future__ import annotations
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from hellora_pl.backbones.shipped import resolve_shipped
+
 CHAR_TOKENIZER_NAME = "builtin:char"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHAR_ALPHABET = tuple(chr(code) for code in range(ord(" "), ord("~") + 1)) + ("\n",)
 
 
 def load_tokenizer(name_or_path: str) -> transformers.PreTrainedTokenizerBase:
-    """Load a tokenizer by hub id, local directory, or ``"builtin:char"``.
+    """Load a tokenizer by hub id, local directory, a shipped model's name (``hellora:mini-olmoe``), or ``"builtin:char"``.
 
     Many causal LMs ship without a pad token; in that case ``pad_token`` is set to
     ``eos_token``. This is safe here because padding is identified by sequence length
@@ -19,6 +21,7 @@ def load_tokenizer(name_or_path: str) -> transformers.PreTrainedTokenizerBase:
     """
     if name_or_path == CHAR_TOKENIZER_NAME:
         return build_char_tokenizer()
+    name_or_path = resolve_shipped(name_or_path)  # hellora:mini-olmoe -> its folder
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
