@@ -1,5 +1,6 @@
 """Routing profiles and hot-expert selection."""
 
+from .controls import LeastUsedExperts, RandomExperts
 from .drift import LayerDrift, RoutingDrift, routing_drift
 from .profile import RoutingProfile, RoutingRecorder
 from .selection import (
@@ -17,6 +18,8 @@ __all__ = [
     "FractionPerLayer",
     "HotExpertPolicy",
     "LayerDrift",
+    "LeastUsedExperts",
+    "RandomExperts",
     "RoutingDrift",
     "RoutingProfile",
     "RoutingRecorder",
