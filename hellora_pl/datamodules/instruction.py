@@ -42,7 +42,8 @@ class InstructionDataModule(LossLoaders, L.LightningDataModule):
         batch_size, eval_batch_size: training and generation batch sizes.
         seed: shuffling and the validation split.
         generation: how completions are generated for the benchmark.
-        eval_limit: evaluate on the first N benchmark problems only (None: all).
+        eval_limit: evaluate on the first N benchmark problems only (None: all); a benchmark of two
+            sets (safety's harmful and benign prompts) takes the first N of each.
         evaluate_in_validation: also run the benchmark at every validation (else only in `test`).
     """
 
@@ -157,15 +158,15 @@ class InstructionDataModule(LossLoaders, L.LightningDataModule):
             return
         if self.generation.stop is None:
             self.generation = dataclasses.replace(self.generation, stop=list(task.default_stop))
-        count = len(task) if self.eval_limit is None else min(self.eval_limit, len(task))
+        evaluated = task.evaluated(self.eval_limit)
         template = self.template
         self._prompts = []
-        for index in range(count):
+        for index in evaluated:
             text = template.prompt(task.instruction(index)) if task.templated else task.instruction(index)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             self._prompts.append({"prompt_ids": ids, "problem_index": index})
         self.eval_task = task
-        rank_zero_info(f"[hellora_pl] benchmark {task.name}: {count} of {len(task)} problems")
+        rank_zero_info(f"[hellora_pl] benchmark {task.name}: {len(evaluated)} of {len(task)} problems")
 
     def _log_stats(self) -> None:
         logger = self.trainer.logger if self.trainer is not None else None

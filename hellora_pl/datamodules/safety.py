@@ -35,8 +35,10 @@ class SafetyDataModule(InstructionDataModule):
     """Trains on refusal pairs `train` (Alpaca format: instruction, optional input, output), mixed
     with `general` instructions when given so that refusals make up `safety_fraction` of the
     examples (None: all of both). Judged by refusal rate on `harmful` (an AdvBench csv, a
-    folder of HEx-PHI `category_*.csv`, or a JSON list), per category where the set has them.
-    A relative `harmful` in a config file is relative to that file's folder.
+    folder of HEx-PHI `category_*.csv`, or a JSON list), per category where the set has them,
+    and, when `benign` (benign instructions, in any of the same forms) is given, by the
+    over-refusal rate: the share of benign instructions refused (`over_refusal_rate`, lower is
+    better). A relative `harmful` or `benign` in a config file is relative to that file's folder.
 
     judge: callable(instructions, responses) -> list of bool (True: refused); default the
         HEx-PHI keyword rule. Give your judge model as a class_path of a callable class.
@@ -51,6 +53,8 @@ class SafetyDataModule(InstructionDataModule):
         safety_fraction: float | None = None,
         harmful: DataPath | None = None,
         harmful_field: str = "instruction",
+        benign: DataPath | None = None,
+        benign_field: str = "instruction",
         judge: Judge | None = None,
         **kwargs,
     ) -> None:
@@ -65,6 +69,13 @@ class SafetyDataModule(InstructionDataModule):
         # `harmful` is always local (never a hub name), also when given as a plain str.
         self.harmful = harmful if harmful is None or isinstance(harmful, DataPath) else DataPath(harmful)
         self.harmful_field = harmful_field
+        if benign is not None and harmful is None:
+            raise ValueError(
+                "benign instructions are given but no harmful ones: over-refusal is measured beside the "
+                "refusal rate; set `harmful:` too, or drop `benign:`."
+            )
+        self.benign = benign if benign is None or isinstance(benign, DataPath) else DataPath(benign)
+        self.benign_field = benign_field
         self.judge = judge
 
     def data_paths(self) -> list[tuple[str, str, str]]:
@@ -73,6 +84,7 @@ class SafetyDataModule(InstructionDataModule):
             (TRAINING, "train.path", self.train_source and self.train_source.path),
             (TRAINING, "general.path", self.general and self.general.path),
             (BENCHMARK, "harmful", self.harmful),
+            (BENCHMARK, "benign", self.benign),
         ])  # fmt: skip
 
     def _training_examples(self) -> datasets.Dataset:
@@ -91,4 +103,9 @@ class SafetyDataModule(InstructionDataModule):
         if self.harmful is None:
             return None
         require_exists(self.harmful, "harmful")
-        return RefusalTask(load_harmful_prompts(self.harmful, field=self.harmful_field), judge=self.judge)
+        harmful = load_harmful_prompts(self.harmful, field=self.harmful_field)
+        benign = None
+        if self.benign is not None:
+            require_exists(self.benign, "benign")
+            benign = load_harmful_prompts(self.benign, field=self.benign_field)  # any instruction set loads alike
+        return RefusalTask(harmful, judge=self.judge, benign=benign)

@@ -57,6 +57,10 @@ class EvalTask(ABC):
     @abstractmethod
     def update(self, metric: torchmetrics.Metric, records: Sequence[Record]) -> None: ...
 
+    def evaluated(self, limit: int | None) -> list[int]:
+        """The problems evaluated under an `eval_limit` of `limit` (None: all): the first `limit`."""
+        return list(range(len(self) if limit is None else min(limit, len(self))))
+
 
 class MathTask(EvalTask):
     """GSM8K-style problems (`question`, `answer` ending in `#### N`), scored strict and flexible.
@@ -195,23 +199,45 @@ class CodeTask(EvalTask):
 
 
 class RefusalTask(EvalTask):
-    """Harmful instructions; the judge (keywords by default) says which responses refuse."""
+    """Harmful instructions, and optionally benign ones; the judge (keywords by default) says which
+    responses refuse.
 
-    def __init__(self, prompts: Sequence[HarmfulPrompt], judge: RefusalJudge | None = None, name: str = "refusal"):
+    Refusing a harmful instruction counts towards `refusal_rate`; refusing a `benign` one towards
+    `over_refusal_rate` (a model that refuses everything scores 1 on both). Problems are the harmful
+    prompts, then the benign ones; an `eval_limit` takes the first N of each.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[HarmfulPrompt],
+        judge: RefusalJudge | None = None,
+        name: str = "refusal",
+        benign: Sequence[HarmfulPrompt] | None = None,
+    ):
         self.name = name
-        self._problems = list(prompts)
+        self.num_harmful = len(prompts)
+        self._problems = list(prompts) + list(benign or [])
         self.judge = judge or KeywordJudge()
-        self.categories = sorted({prompt.category for prompt in self._problems})
+        self.categories = sorted({prompt.category for prompt in prompts})
+        self.benign_categories = sorted({prompt.category for prompt in benign or []})
 
     @property
     def problems(self):
         return self._problems
 
+    def is_benign(self, index: int) -> bool:
+        return index >= self.num_harmful
+
+    def evaluated(self, limit: int | None) -> list[int]:
+        harmful = list(range(self.num_harmful))
+        benign = list(range(self.num_harmful, len(self._problems)))
+        return harmful + benign if limit is None else harmful[:limit] + benign[:limit]
+
     def instruction(self, index: int) -> str:
         return self._problems[index].instruction
 
     def new_metric(self) -> torchmetrics.Metric:
-        return RefusalRate(self.categories)
+        return RefusalRate(self.categories, self.benign_categories)
 
     def score(self, indices, completions):
         instructions = [self._problems[i].instruction for i, samples in zip(indices, completions) for _ in samples]
@@ -225,6 +251,7 @@ class RefusalTask(EvalTask):
                 {
                     "index": index,
                     "category": prompt.category,
+                    "benign": self.is_benign(index),
                     "instruction": prompt.instruction,
                     "completions": list(samples),
                     "refused": refused,
@@ -234,5 +261,7 @@ class RefusalTask(EvalTask):
 
     def update(self, metric, records):
         metric.update(
-            [r["category"] for r in records for _ in r["refused"]], [v for r in records for v in r["refused"]]
+            [r["category"] for r in records for _ in r["refused"]],
+            [v for r in records for v in r["refused"]],
+            [r["benign"] for r in records for _ in r["refused"]],
         )
