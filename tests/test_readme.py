@@ -80,7 +80,7 @@ def test_export_snippet_runs_and_its_exports_reproduce_the_adapted_model(tmp_pat
         for tensor in adapter_state_dict(model).values():
             tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
     save_adapter(run / "hellora", model, plan)
-    batch = {"input_ids": torch.randint(3, backbone.config["vocab_size"], (2, 12), generator=generator)}
+    batch = {"input_ids": torch.randint(3, model.config.vocab_size, (2, 12), generator=generator)}
     with torch.no_grad():
         expected = model(**batch).logits
         assert (expected - load_backbone(backbone)(**batch).logits).abs().max() > 1e-2  # the adapters matter
