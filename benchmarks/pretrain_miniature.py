@@ -127,7 +127,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Recipe]:
     parser.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]), help="the standard library's folder")
     parser.add_argument("--python-docs", type=Path, required=True, help=f"the docs' _sources folder: {corpus.PYTHON_DOCS_HINT}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "pretrain_miniature", help="resumable state and token cache")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "pretrain_miniature", help="where the resumable training state is kept")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--log-every", type=int, default=50)
@@ -150,7 +150,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Recipe]:
 
 
 def prepare(args, recipe: Recipe):
-    """Tokenizer and token streams, cached in --work under the recipe's tokenizer settings."""
+    """Tokenizer, training token streams and validation windows, rebuilt from the sources on every
+    start (about 25 s; deterministic, so a resumed run gets the same ones)."""
     docs = corpus.load_documents(args.gsm8k, args.stdlib, args.python_docs)
     train_docs, val_docs = {}, {}
     for domain in corpus.DOMAINS:

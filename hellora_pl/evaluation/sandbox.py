@@ -327,17 +327,19 @@ def _wait_gone(pids: list[int], within_s: float) -> None:
     told it was killed.
     """
     deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+    while time.monotonic() < deadline and any(_live_stat(pid) for pid in pids):
         time.sleep(0.01)
 
 
-def _alive(pid: int) -> bool:
+def _live_stat(pid: int | str) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name, or None when the process is gone,
+    a zombie or dead (state Z or X)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
+            fields = f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
+        return None
+    return fields if fields and fields[0] not in (b"Z", b"X") else None
 
 
 def _members(needle: bytes, session: int) -> list[int]:
@@ -347,9 +349,8 @@ def _members(needle: bytes, session: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            if fields[0] in (b"Z", b"X"):
+            fields = _live_stat(entry.name)
+            if fields is None:
                 continue
             if int(fields[3]) == session:
                 members.append(int(entry.name))
