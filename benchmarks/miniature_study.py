@@ -1,6 +1,6 @@
 """The paper's claims in miniature: every method fine-tunes the pretrained miniature OLMoE on three tasks.
 
-    python benchmarks/miniature_study.py                      # the full study (about 2 h on 2 CPU cores)
+    python benchmarks/miniature_study.py --jobs 2 --threads 1  # the full study (about 1.3 h on 2 CPU cores)
     python benchmarks/miniature_study.py --tasks math --methods lora hellora --seeds 0
     python benchmarks/miniature_study.py --smoke --model /tmp/model --out /tmp/results   # CI-sized
 
@@ -28,16 +28,17 @@ per pretraining domain (math, code, prose), the validation loss on ``val_tokens.
 the adapters applied minus the base model's. The task data is generated once, seeded, into
 ``<work>/data`` (nothing of ``../shared`` is copied there but the safety pairs' path is read).
 
-Budget. One run per task of LoRA and of HELLoRA on the shipped miniature (seed 0, 1 thread, 2026-12-02,
-the 2-core machine shared with a second pretraining run; wall / CPU seconds of the whole run, imports,
-profile, liveness probe, training, test and forgetting included): math (150 steps) LoRA 99 / 85 s,
-HELLoRA 87 / 75 s; code (150 steps) 190 / 161 s and 187 / 158 s, where pass@1 was already 0.98 and 1.0, so
-code trains 60 steps (LoRA: 100 / 84 s, pass@1 0.64); safety (150 steps) 124 / 107 s and 125 / 107 s. So a
-(method, seed) costs about 300 s at 1 thread, and the full study (9 methods x 3 tasks x 3 seeds = 81 runs)
-about 2.1 h of CPU time at 1 thread; at the default 2 threads on an otherwise idle machine it should take
-less (the 2-thread speed-up was not measured: the machine was never idle). First results: math strict
-0.047 for both (the format is learned, the arithmetic is not, in 150 steps), safety refusal 1.0 with
-over-refusal 0.11 (LoRA) and 0.16 (HELLoRA), and HELLoRA forgot less on every domain.
+Budget. Tuning runs on the shipped miniature (seed 0, 1 thread, 2026-12-02; wall / CPU seconds of the
+whole run: imports, profile, liveness probe, training, test and forgetting):
+- math: at 2e-3, 150 steps left strict exact match at 0.047 (LoRA and HELLoRA: the format is learned, the
+  arithmetic is not) and 400 steps gave 0.078 (HELLoRA, 177 s); at 5e-3, 300 steps gave 0.141 (143 s)
+  and at 1e-2, 0.148 with twice the forgetting. So math trains 300 steps at 5e-3.
+- code: at 2e-3, 150 steps gave pass@1 0.98 (LoRA) and 1.0 (HELLoRA), and 60 steps 0.64 (LoRA, 100 / 84 s);
+  at 5e-3, 60 steps gave 1.0. So code trains 60 steps at 2e-3, where the methods can still differ.
+- safety: at 2e-3, 150 steps gave refusal 1.0 with over-refusal 0.11 (LoRA) and 0.16 (HELLoRA), 125 / 107 s;
+  it trains 100 steps.
+A (method, seed) then costs about 340 s of CPU at 1 thread, and the full study (9 methods x 3 tasks x 3
+seeds = 81 runs) about 2.6 h of CPU; ``--jobs 2 --threads 1`` runs two at a time on 2 cores.
 
 Writes ``miniature_study.json`` (every run, and one row per task x method with the mean and
 standard deviation over seeds and the ratios to LoRA) and ``miniature_study.md`` under ``--out``.
@@ -53,12 +54,12 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -101,14 +102,14 @@ class Budget:
 
     steps: dict | None = None  # training steps per task; None: STEPS
     batch_size: int = 16
-    learning_rate: float = 2e-3
+    learning_rate: dict | None = None  # per task; None: LEARNING_RATE
     esft_lr_scale: float = 0.05  # ESFT trains full-rank deltas: the real configs give it 1/20 of LoRA's rate
     rank: int = 8
     alpha: float = 16.0
     math_train: int = 2000
     safety_pairs: int = 400  # refusal pairs; as many benign instructions beside them
     val_size: int = 32
-    eval_limit: int = 64  # problems per benchmark (safety: harmful and benign each)
+    eval_limit: dict | None = None  # held-out problems per task (safety: harmful, benign each); None: EVAL_LIMIT
     eval_batch_size: int = 32
     max_length: dict | None = None  # tokens per training example, per task; None: MAX_LENGTH
     max_new_tokens: dict | None = None  # per task; None: NEW_TOKENS
@@ -118,6 +119,12 @@ class Budget:
 
     def steps_for(self, task: str) -> int:
         return (self.steps or STEPS)[task]
+
+    def lr_for(self, task: str) -> float:
+        return (self.learning_rate or LEARNING_RATE)[task]
+
+    def tests_for(self, task: str) -> int:
+        return (self.eval_limit or EVAL_LIMIT)[task]
 
     def new_tokens(self, task: str) -> int:
         return (self.max_new_tokens or NEW_TOKENS)[task]
@@ -130,8 +137,12 @@ class Budget:
 # (SHORT_TEMPLATE) and answers 30; safety prompts up to 60 with answers up to 500, cut (a refusal says so
 # at its start, and the keyword judge reads the first NEW_TOKENS of a response anyway).
 NEW_TOKENS = {"math": 40, "code": 32, "safety": 24}
-# Steps per task, set from runs on the shipped miniature (see "Budget" in the module docstring).
-STEPS = {"math": 150, "code": 60, "safety": 150}
+# Held-out problems per task: math's generation is cheap (256 problems: about 8 s) and its scores are low, so
+# it takes more; code keeps most of its 320 functions for training; safety has 100 held-out harmful instructions.
+EVAL_LIMIT = {"math": 256, "code": 64, "safety": 100}
+# Steps and learning rate per task, set from runs on the shipped miniature (see "Budget" in the module docstring).
+STEPS = {"math": 300, "code": 60, "safety": 100}
+LEARNING_RATE = {"math": 5e-3, "code": 2e-3, "safety": 2e-3}
 MAX_LENGTH = {"math": 96, "code": 160, "safety": 96}
 # Code and safety prompts: Alpaca's section headers without its 20-token preamble (math keeps
 # MathDataModule's "Question: ... Answer:"); the same template renders training and test prompts.
@@ -144,7 +155,7 @@ SMOKE = Budget(
     math_train=60,
     safety_pairs=24,
     val_size=4,
-    eval_limit=3,
+    eval_limit={"math": 3, "code": 3, "safety": 3},
     eval_batch_size=8,
     max_length={
         "math": 256,
@@ -276,10 +287,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def prepare_data(work: Path, budget: Budget, safety_dir: Path, tasks: list[str]) -> dict[str, dict]:
     """Each task's data files under `work/data/<task>` (the same files for every seed and method)."""
     data = work / "data"
-    tests = max(budget.eval_limit, 1)
     files: dict[str, dict] = {}
-    math_train, math_test = arithmetic_split(budget.math_train, tests)
-    code_train, code_test = code_split(tests)
+    math_train, math_test = arithmetic_split(budget.math_train, budget.tests_for("math"))
+    code_train, code_test = code_split(budget.tests_for("code"))
     if "math" in tasks:
         files["math"] = {
             "train": write_jsonl(data / "math" / "train.jsonl", math_train),
@@ -293,7 +303,7 @@ def prepare_data(work: Path, budget: Budget, safety_dir: Path, tasks: list[str])
             {k: r[k] for k in ("instruction", "output")}
             for r in safety_benign(math_train, code_train, budget.safety_pairs)
         ]
-        held_out = safety_benign(math_test, code_test, tests, split="test")
+        held_out = safety_benign(math_test, code_test, budget.tests_for("safety"), split="test")
         benign = [{"instruction": r["instruction"], "category": r["category"]} for r in held_out]
         files["safety"] = {
             "train": safety_dir / SAFETY_TRAIN,
@@ -346,7 +356,7 @@ def data_config(task: str, files: dict, model: Path, budget: Budget, seed: int) 
         "val_size": budget.val_size,
         "batch_size": budget.batch_size,
         "eval_batch_size": budget.eval_batch_size,
-        "eval_limit": budget.eval_limit,
+        "eval_limit": budget.tests_for(task),
         "seed": seed,
         "generation": {"max_new_tokens": budget.new_tokens(task)},
     }
@@ -380,7 +390,7 @@ def data_config(task: str, files: dict, model: Path, budget: Budget, seed: int) 
 
 
 def run_config(task: str, method: str, seed: int, files: dict, model: Path, budget: Budget, run_dir: Path) -> dict:
-    lr = budget.learning_rate * (budget.esft_lr_scale if method == "esft" else 1.0)
+    lr = budget.lr_for(task) * (budget.esft_lr_scale if method == "esft" else 1.0)
     return {
         "seed_everything": seed,
         **method_groups(method, seed, budget, budget.steps_for(task)),
@@ -473,6 +483,7 @@ def run_worker(spec: dict) -> dict:
         plan.dynamic_rank.rank_max if plan.dynamic_rank is not None else plan.rank,
     )
     after = pretrain_miniature.validation_losses(backbone, _windows(Path(spec["model"]), spec["windows"]))
+    drift = routing_drift_after_fit(backbone, cli.datamodule.train_dataloader(), plan, spec["profile_batches"])
     return {
         # as the budget tool counts them: LoRI's B at its kept density, DR-LoRA at its full rank budget
         "trainable_params": figures["trainable"],
@@ -490,10 +501,62 @@ def run_worker(spec: dict) -> dict:
         "final_val_loss": summary["metrics"].get("val/loss"),
         "test_metrics": {k: float(v) for k, v in tested.items()},
         "val_loss_after": after,
+        "routing_drift": drift,
         "fit_seconds": round(fit_seconds, 1),  # wall: building the model and data, profile, liveness, steps, validation
         "test_seconds": round(test_seconds, 1),
         "fit_cpu_seconds": round(fit_cpu, 1),  # CPU time of every thread of the process
         "test_cpu_seconds": round(test_cpu, 1),
+    }
+
+
+def routing_drift_after_fit(model, loader, plan, batches: int) -> dict | None:
+    """How far fine-tuning moved the routing: the plan's profile (the base model on the first `batches`
+    training batches) against a profile of the fine-tuned model on `batches` training batches. Per layer
+    and overall: the top-k hot set before and after (k = the model's top-k, HELLoRA's default) and their
+    overlap |before & after| / k, and the share of selections on the run's adapted experts before and
+    after. None when the plan has no routing counts (nothing was profiled)."""
+    import torch
+
+    from hellora_pl.routing import RoutingRecorder, TopKPerLayer
+
+    if not plan.layers or any(not layer.counts for layer in plan.layers):
+        return None
+    model.eval()
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        recorder.armed = True
+        for _, batch in zip(range(batches), loader):
+            mask = batch.get("attention_mask")
+            recorder.set_token_mask(mask)
+            model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+        now = recorder.profile()
+    rows = {layer: row for row, layer in enumerate(now.layers)}
+    policy = TopKPerLayer()
+    layers = []
+    for layer in plan.layers:
+        before = torch.tensor(layer.counts, dtype=torch.float64)
+        after = now.counts[rows[layer.layer]].double()
+        before_mass = torch.tensor(layer.gate_mass, dtype=torch.float64) if layer.gate_mass else before
+        hot_before = set(policy.select_layer(before, before_mass, now.top_k))
+        hot_after = set(policy.select_layer(after, now.gate_mass[rows[layer.layer]].double(), now.top_k))
+        adapted = sorted(layer.hot_experts)
+        layers.append(
+            {
+                "layer": layer.layer,
+                "hot_before": sorted(hot_before),
+                "hot_after": sorted(hot_after),
+                "hot_overlap": len(hot_before & hot_after) / len(hot_before),
+                "adapted_share_before": float(before[adapted].sum() / before.sum()) if adapted else None,
+                "adapted_share_after": float(after[adapted].sum() / after.sum()) if adapted else None,
+            }
+        )
+    shares = [entry for entry in layers if entry["adapted_share_before"] is not None]
+    return {
+        "batches": batches,
+        "tokens_after": now.tokens,
+        "hot_overlap": statistics.fmean(entry["hot_overlap"] for entry in layers),
+        "adapted_share_before": statistics.fmean(e["adapted_share_before"] for e in shares) if shares else None,
+        "adapted_share_after": statistics.fmean(e["adapted_share_after"] for e in shares) if shares else None,
+        "layers": layers,
     }
 
 
@@ -522,17 +585,18 @@ def launch(kind: str, spec: dict, folder: Path, threads: int) -> dict:
     spec_path.write_text(json.dumps(spec, indent=1))
     result_path = folder / f"{kind}_result.json"
     result_path.unlink(missing_ok=True)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with (folder / "log.txt").open("w") as log:
-        code = subprocess.call(
+        process = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--_worker", kind, str(spec_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             cwd=str(REPO),
         )
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # wait4: this child's own CPU time, right while other runs go on beside it (--jobs)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = code = os.waitstatus_to_exitcode(status)
     if code != 0 or not result_path.is_file():
         tail = "\n".join((folder / "log.txt").read_text(errors="replace").splitlines()[-25:])
         raise SystemExit(
@@ -540,7 +604,7 @@ def launch(kind: str, spec: dict, folder: Path, threads: int) -> dict:
         )
     result = json.loads(result_path.read_text())
     # the whole process (imports, loading, forgetting too): what the run costs on an idle core per thread
-    result["cpu_seconds"] = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
+    result["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)
     return result
 
 
@@ -585,6 +649,10 @@ def aggregate(runs: dict, base: dict, tasks: list[str], methods: list[str]) -> l
                 row[key], row[f"{key}_sd"] = mean_sd([r[key] for r in done])
             for metric, short in SCORES[task]:
                 row[short], row[f"{short}_sd"] = mean_sd([r["test_metrics"].get(metric) for r in done])
+            for key in DRIFT_KEYS:
+                row[f"drift_{key}"], row[f"drift_{key}_sd"] = mean_sd(
+                    [(r.get("routing_drift") or {}).get(key) for r in done]
+                )
             changes = [forgetting(r, base, task) for r in done]
             for domain in (*DOMAINS, "other"):
                 row[f"forgetting_{domain}"], row[f"forgetting_{domain}_sd"] = mean_sd([c[domain] for c in changes])
@@ -600,6 +668,30 @@ def aggregate(runs: dict, base: dict, tasks: list[str], methods: list[str]) -> l
                     row[f"{short}_minus_lora"] = _minus(row[short], lora[short])
             rows.append(row)
     return rows
+
+
+DRIFT_KEYS = ("hot_overlap", "adapted_share_before", "adapted_share_after")
+
+
+def drift_table(rows: list[dict]) -> str:
+    lines = [
+        [
+            row["task"],
+            row["method"],
+            _pm(row["drift_hot_overlap"], row["drift_hot_overlap_sd"], 2),
+            _pm(row["drift_adapted_share_before"], row["drift_adapted_share_before_sd"], 3),
+            _pm(row["drift_adapted_share_after"], row["drift_adapted_share_after_sd"], 3),
+        ]
+        for row in rows
+    ]
+    headers = (
+        "task",
+        "method",
+        "top-k hot set after vs before: overlap",
+        "selections on adapted experts, before",
+        "after",
+    )
+    return markdown_table(headers, lines)
 
 
 def _pct(a, b):
@@ -732,12 +824,20 @@ def markdown(payload: dict) -> str:
             "# The paper's claims in miniature",
             f"Every method fine-tuned from `{payload['settings']['model']}` (seeds: mean ± sample standard deviation); "
             f"{', '.join(f'{t} {n}' for t, n in (budget['steps'] or STEPS).items())} steps of {budget['batch_size']} examples, rank {budget['rank']}, learning rate "
-            f"{budget['learning_rate']} (ESFT x{budget['esft_lr_scale']}); {budget['eval_limit']} held-out problems per "
-            "benchmark (safety: that many harmful and that many benign). Adapter FLOPs are forward FLOPs per token "
+            f"{', '.join(f'{t} {n}' for t, n in (budget['learning_rate'] or LEARNING_RATE).items())} "
+            f"(ESFT x{budget['esft_lr_scale']}); held-out problems per benchmark "
+            f"({', '.join(f'{t} {n}' for t, n in (budget['eval_limit'] or EVAL_LIMIT).items())}; safety: that many "
+            "harmful and that many benign instructions). Adapter FLOPs are forward FLOPs per token "
             "from each run's measured routing profile; tokens/s is the median over training steps of each step's tokens over its time, on a shared CPU. Forgetting: "
             "validation loss on the pretraining domains the task does not train on, after minus before "
             f"(before: {', '.join(f'{d} {v:.4f}' for d, v in base.items())}).",
             table(rows),
+            "## Routing drift during fine-tuning",
+            "Per run, the routing of the fine-tuned model on the task's first training batches against the plan's "
+            "profile of the base model (`routing_drift` in the JSON, per layer too): the overlap of the top-k "
+            "(the model's top-k per layer) hot sets, and the share of routed selections on the experts the run "
+            "adapted (n/a: no expert adapters).",
+            drift_table(rows),
             "## HELLoRA against LoRA, beside the paper (OLMoE-1B-7B)",
             "\n".join(claims(rows)) or "(needs both lora and hellora runs)",
             "## HELLoRA's choice of experts against the controls",
@@ -763,6 +863,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--steps", type=int, default=None, help=f"training steps of every run (default per task: {STEPS})"
     )
+    parser.add_argument(
+        "--learning-rate", type=float, default=None, help=f"of every run but ESFT's (default per task: {LEARNING_RATE})"
+    )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="a folder written by pretrain_miniature.py")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where miniature_study.json and .md go")
     parser.add_argument(
@@ -775,6 +878,12 @@ def parse_args(argv=None):
         "--safety-data", type=Path, default=DEFAULT_SAFETY, help=f"folder holding {SAFETY_TRAIN} and {SAFETY_HARMFUL}"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default 2; 1 with --smoke)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at the same time, each in its own process (give each its own cores: jobs x threads <= cores)",
+    )
     parser.add_argument("--smoke", action="store_true", help="a CI-sized run: a few steps, a few problems")
     args = parser.parse_args(argv)
     errors = []
@@ -788,6 +897,10 @@ def parse_args(argv=None):
         errors.append(f"--seeds must be distinct integers >= 0, got {args.seeds}")
     if args.steps is not None and args.steps < 1:
         errors.append(f"--steps must be >= 1, got {args.steps}")
+    if args.learning_rate is not None and not 0 < args.learning_rate < 1:
+        errors.append(f"--learning-rate must be in (0, 1), got {args.learning_rate}")
+    if args.jobs < 1:
+        errors.append(f"--jobs must be >= 1, got {args.jobs}")
     if args.threads is not None and args.threads < 1:
         errors.append(f"--threads must be >= 1, got {args.threads}")
     missing = [f for f in MODEL_FILES if not (args.model / f).is_file()]
@@ -808,6 +921,8 @@ def parse_args(argv=None):
     budget = SMOKE if args.smoke else Budget()
     if args.steps is not None:
         budget = replace(budget, steps=dict.fromkeys(TASKS, args.steps))
+    if args.learning_rate is not None:
+        budget = replace(budget, learning_rate=dict.fromkeys(TASKS, args.learning_rate))
     budget = replace(budget, threads=args.threads or budget.threads)
     args.work = args.work or (args.out / "work" if args.smoke else DEFAULT_WORK)
     return args, budget
@@ -864,41 +979,68 @@ def main(argv=None) -> int:
         payload["base"] = base_losses(spec)  # here: nothing trains, nothing to isolate
     todo = [(t, m, s) for t in args.tasks for m in args.methods for s in args.seeds]
     started = time.monotonic()
-    for number, (task, method, seed) in enumerate(todo, 1):
-        key = f"{task}/{method}/{seed}"
-        if key in payload["runs"]:
-            print(f"[{number}/{len(todo)}] {key}: kept from an earlier run", flush=True)
-            continue
-        run_dir = args.work / "runs" / task / method / f"seed{seed}"
-        if run_dir.exists():  # what an unfinished run left (its results are not in the JSON): start it afresh
-            shutil.rmtree(run_dir)
-        config = run_config(task, method, seed, files[task], args.model.resolve(), budget, run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
-
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config), sort_keys=False))
-        spec = {
-            "config": str(run_dir / "config.yaml"),
-            "model": str(args.model.resolve()),
-            "windows": budget.windows,
-            "threads": budget.threads,
-        }
-        run_started = time.monotonic()
-        result = launch("run", spec, run_dir, budget.threads)
-        result.update(task=task, method=method, seed=seed, wall_seconds=round(time.monotonic() - run_started, 1))
-        payload["runs"][key] = result
-        payload["machine"] = _machine(argv, load_at_start)
-        save(args.out, payload)
-        score = SCORES[task][0]
-        print(
-            f"[{number}/{len(todo)}] {key}: {score[1]} {result['test_metrics'].get(score[0], float('nan')):.3f}, "
-            f"{result['trainable_params']:,} params, {result['tokens_per_s']:.0f} tokens/s, {result['wall_seconds']:.0f} s",
-            flush=True,
-        )
+    pending = {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for number, (task, method, seed) in enumerate(todo, 1):
+            key = f"{task}/{method}/{seed}"
+            if key in payload["runs"]:
+                print(f"[{number}/{len(todo)}] {key}: kept from an earlier run", flush=True)
+                continue
+            spec = prepare_run(args, budget, files, task, method, seed)
+            pending[pool.submit(timed_launch, spec, budget.threads)] = (number, key, task, method, seed)
+        while pending:  # results are saved here, one at a time, as runs finish
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                number, key, task, method, seed = pending.pop(future)
+                try:
+                    result = future.result()
+                except (
+                    BaseException
+                ):  # a failed run stops the study (SystemExit naming its log): queued runs never start
+                    for queued in pending:
+                        queued.cancel()
+                    raise
+                result.update(task=task, method=method, seed=seed)
+                payload["runs"][key] = result
+                payload["machine"] = _machine(argv, load_at_start)
+                save(args.out, payload)
+                score = SCORES[task][0]
+                print(
+                    f"[{number}/{len(todo)}] {key}: {score[1]} {result['test_metrics'].get(score[0], float('nan')):.3f}, "
+                    f"{result['trainable_params']:,} params, {result['tokens_per_s']:.0f} tokens/s, "
+                    f"{result['wall_seconds']:.0f} s",
+                    flush=True,
+                )
     payload["machine"] = _machine(argv, load_at_start)
     save(args.out, payload)
     print(f"wrote {json_path} and {json_path.with_suffix('.md')} ({time.monotonic() - started:.0f} s)", flush=True)
     return 0
+
+
+def prepare_run(args, budget: Budget, files: dict, task: str, method: str, seed: int) -> dict:
+    """A fresh run folder with the run's `config.yaml`; the worker's spec."""
+    import yaml
+
+    run_dir = args.work / "runs" / task / method / f"seed{seed}"
+    if run_dir.exists():  # what an unfinished run left (its results are not in the JSON): start it afresh
+        shutil.rmtree(run_dir)
+    config = run_config(task, method, seed, files[task], args.model.resolve(), budget, run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+    return {
+        "config": str(run_dir / "config.yaml"),
+        "model": str(args.model.resolve()),
+        "windows": budget.windows,
+        "threads": budget.threads,
+        "profile_batches": budget.profile_batches,
+    }
+
+
+def timed_launch(spec: dict, threads: int) -> dict:
+    started = time.monotonic()
+    result = launch("run", spec, Path(spec["config"]).parent, threads)
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    return result
 
 
 def _plain(value):

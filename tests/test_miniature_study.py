@@ -123,13 +123,15 @@ def test_smoke_study_writes_rows_and_resumes(tiny_model, tmp_path, capsys):
     kept = payload["runs"]["math/random_experts/0"]
     capsys.readouterr()
     methods = ["lora", "hellora", "moe_sieve", "random_experts"]
-    assert run_study(*model, "--tasks", "math", "--methods", *methods, "--seeds", "0") == 0
+    assert run_study(*model, "--tasks", "math", "--methods", *methods, "--seeds", "0", "--jobs", "2") == 0
     assert "math/random_experts/0: kept from an earlier run" in capsys.readouterr().out
     payload = json.loads((out / "miniature_study.json").read_text())
     assert payload["runs"]["math/random_experts/0"] == kept
     assert len(payload["runs"]) == len(tasks) + 3
     sieve = payload["runs"]["math/moe_sieve/0"]
-    assert sieve["policy"] == {"name": "fraction", "fraction": 0.25} and sieve["hot_experts"] == [[sieve["hot_experts"][0][0]]]
+    assert sieve["policy"] == {"name": "fraction", "fraction": 0.25} and sieve["hot_experts"] == [
+        [sieve["hot_experts"][0][0]]
+    ]
     rows = {(r["task"], r["method"]): r for r in payload["rows"]}
     lora, hellora, random_ = rows["math", "lora"], rows["math", "hellora"], rows["math", "random_experts"]
     assert lora["params_pct_of_lora"] == pytest.approx(100.0) and lora["throughput_vs_lora"] == pytest.approx(1.0)
@@ -141,7 +143,16 @@ def test_smoke_study_writes_rows_and_resumes(tiny_model, tmp_path, capsys):
     assert hellora["params_pct_of_lora"] == pytest.approx(
         100.0 * hot["trainable_params"] / payload["runs"]["math/lora/0"]["trainable_params"]
     )
+    for name, result in payload["runs"].items():  # each run's own CPU time, though two ran at once
+        assert 0 < result["cpu_seconds"] <= 1.5 * result["wall_seconds"] + 5, name
+    drift = payload["runs"]["math/lora/0"]["routing_drift"]
+    assert drift["adapted_share_before"] == drift["adapted_share_after"] == 1.0  # every expert adapted
+    drift = hot["routing_drift"]
+    assert 0.0 <= drift["hot_overlap"] <= 1.0 and drift["layers"][0]["hot_before"] == hot["hot_experts"][0]
+    assert drift["adapted_share_before"] == pytest.approx(hot["adapted_selection_share"], rel=1e-6)
+    assert rows["math", "hellora"]["drift_hot_overlap"] == drift["hot_overlap"]
     markdown = (out / "miniature_study.md").read_text()
+    assert "## Routing drift during fine-tuning" in markdown
     assert "| math | hellora | 1 |" in markdown and "- math: HELLoRA trains" in markdown
     assert "one seed: no verdict" in markdown and "- math: HELLoRA against random experts" in markdown
 
@@ -155,6 +166,7 @@ def test_bad_options_are_refused_before_any_training(tiny_model, tmp_path, capsy
         (["--model", str(tmp_path / "nowhere"), "--out", str(out)], "lacks config.json, model.safetensors"),
         ([*model, "--seeds", "0", "0"], "--seeds must be distinct"),
         ([*model, "--steps", "0"], "--steps must be >= 1"),
+        ([*model, "--jobs", "0"], "--jobs must be >= 1"),
         ([*model, "--tasks", "safety", "--safety-data", str(tmp_path)], "point --safety-data at that folder"),
     ):
         with pytest.raises(SystemExit) as exit_info:
