@@ -58,7 +58,7 @@ def test_k_larger_than_the_number_of_experts(capfd, tmp_path, monkeypatch):
     args = ["--config", QUICKSTART, "--hellora.hot_experts", "TopKPerLayer", "--hellora.hot_experts.k", "40", *SMALL]
     lines = refuse(args, capfd, tmp_path, monkeypatch)
     head = first_lines(lines)
-    assert "k=40 is larger than the number of experts (16)" in head and "choose k <= 16" in head
+    assert "k=40 is larger than the number of experts (32)" in head and "choose k <= 32" in head
     assert not any("routing profile" in line for line in lines)  # refused before profiling
 
 

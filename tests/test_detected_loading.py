@@ -30,8 +30,15 @@ SHORT = [
     "--data.init_args.num_val=8",
 ]
 
+# The quickstart's data on a model built from a config instead of its pretrained miniature, with the character
+# tokenizer (vocabulary 128) that fits a toy vocabulary.
+ON_A_TINY_MODEL = [
+    "--model.backbone.pretrained=null",
+    "--data.init_args.tokenizer=builtin:char",
+    "--data.init_args.max_length=192",
+]
 # GLM-4.5's family at toy size: 2 layers (the first dense, as in the real model), 8 routed experts, top-2,
-# a shared expert and group-limited sigmoid routing. Vocabulary 128: the quickstart's character tokenizer.
+# a shared expert and group-limited sigmoid routing. Vocabulary 128: the character tokenizer's.
 TINY_GLM4_MOE = {
     "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8,
@@ -94,7 +101,7 @@ def test_a_detected_family_trains_two_steps_through_the_module(tmp_path):
 
 def test_the_fit_cli_trains_a_detected_family(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli_main(["fit", "--config", QUICKSTART, "--model.backbone.model_type", "glm4_moe",
+    cli_main(["fit", "--config", QUICKSTART, *ON_A_TINY_MODEL, "--model.backbone.model_type", "glm4_moe",
               "--model.backbone.config", json.dumps(TINY_GLM4_MOE), *SHORT])  # fmt: skip
     (run_dir,) = tmp_path.glob("runs/quickstart/hellora/version_0")
     plan = json.loads((run_dir / "hellora" / "plan.json").read_text())
@@ -146,7 +153,7 @@ def test_the_fit_cli_refuses_a_detection_refusal_before_loading(no_weights, tmp_
     monkeypatch.setattr("hellora_pl.backbones.registry.detect_architecture", refuse)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", "--config", QUICKSTART, "--model.backbone.model_type", "glm4_moe",
+        cli_main(["fit", "--config", QUICKSTART, *ON_A_TINY_MODEL, "--model.backbone.model_type", "glm4_moe",
                   "--model.backbone.config", json.dumps(TINY_GLM4_MOE), *SHORT])  # fmt: skip
     assert exit_info.value.code == 2
     err = " ".join(capfd.readouterr().err.split())

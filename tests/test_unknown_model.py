@@ -66,7 +66,7 @@ def refused_fit(args, capfd, tmp_path, monkeypatch) -> str:
 @pytest.mark.parametrize("source", ["model_type", "pretrained"])
 def test_fit_cli_exits_2_with_the_message(source, gpt_oss_dir, capfd, tmp_path, monkeypatch):
     if source == "model_type":
-        args = ["--model.backbone.model_type", "llama"]
+        args = ["--model.backbone.pretrained", "null", "--model.backbone.model_type", "llama"]
     else:
         args = ["--model.backbone.model_type", "null", "--model.backbone.pretrained", str(gpt_oss_dir),
                 "--model.backbone.config", "{}"]  # fmt: skip
