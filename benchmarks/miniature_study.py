@@ -670,6 +670,43 @@ def aggregate(runs: dict, base: dict, tasks: list[str], methods: list[str]) -> l
     return rows
 
 
+ROUTING_REPORT = RESULTS_DIR / "miniature_routing.json"  # miniature_routing.py's report: each domain's hot set
+
+
+def task_domain_overlap(runs: dict, model: str, report: Path = ROUTING_REPORT) -> dict | None:
+    """Per task and seed, HELLoRA's hot set (from the task's own routing profile) against each pretraining
+    domain's hot set in miniature_routing.py's report of the same model: the mean over layers of
+    |task & domain| / k. None without that report."""
+    if not report.is_file():
+        return None
+    routing = json.loads(report.read_text())
+    if str(Path(routing["model"]).resolve()) != model:
+        return None
+    domains = routing["results"]["pretrained"]["hot"]
+    overlap: dict = {}
+    for run in runs.values():
+        if run["method"] == "hellora":
+            overlap.setdefault(run["task"], {})[str(run["seed"])] = {
+                domain: statistics.fmean(len(set(a) & set(b)) / len(b) for a, b in zip(run["hot_experts"], sets))
+                for domain, sets in domains.items()
+            }
+    return overlap
+
+
+def overlap_lines(overlap: dict | None) -> str:
+    if not overlap:
+        return f"(needs hellora runs and {ROUTING_REPORT.name} of the same model: run benchmarks/miniature_routing.py)"
+    lines = []
+    for task, seeds in overlap.items():
+        domains = sorted({d for by_domain in seeds.values() for d in by_domain})
+        means = {d: statistics.fmean(by_domain[d] for by_domain in seeds.values()) for d in domains}
+        lines.append(
+            f"- {task}: HELLoRA's hot experts against each pretraining domain's hot set (mean over layers and "
+            f"{len(seeds)} seeds): " + ", ".join(f"{d} {means[d]:.2f}" for d in domains) + "."
+        )
+    return "\n".join(lines)
+
+
 DRIFT_KEYS = ("hot_overlap", "adapted_share_before", "adapted_share_after")
 
 
@@ -832,6 +869,11 @@ def markdown(payload: dict) -> str:
             "validation loss on the pretraining domains the task does not train on, after minus before "
             f"(before: {', '.join(f'{d} {v:.4f}' for d, v in base.items())}).",
             table(rows),
+            "## Which experts each task is routed to",
+            "The hot set HELLoRA chose for each task (k = 4 of 32 per layer), against the hot sets of the "
+            f"miniature's pretraining domains in `{ROUTING_REPORT.name}` (1.0: the same experts in every layer; "
+            "two random sets of 4 of 32 share 0.125 on average).",
+            overlap_lines(payload.get("task_domain_overlap")),
             "## Routing drift during fine-tuning",
             "Per run, the routing of the fine-tuned model on the task's first training batches against the plan's "
             "profile of the base model (`routing_drift` in the JSON, per layer too): the overlap of the top-k "
@@ -964,6 +1006,7 @@ def save(path_dir: Path, payload: dict) -> None:
     done_tasks = [t for t in TASKS if any(r["task"] == t for r in payload["runs"].values())]
     done_methods = [m for m in METHODS if any(r["method"] == m for r in payload["runs"].values())]
     payload["rows"] = aggregate(payload["runs"], payload["base"]["val_loss"], done_tasks, done_methods)
+    payload["task_domain_overlap"] = task_domain_overlap(payload["runs"], payload["settings"]["model"])
     write_results(path_dir, STEM, payload, markdown(payload))
 
 

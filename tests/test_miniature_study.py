@@ -182,3 +182,18 @@ def test_bad_options_are_refused_before_any_training(tiny_model, tmp_path, capsy
     with pytest.raises(SystemExit, match="other settings .* give another --out"):
         run_study(*model, "--tasks", "math")
     assert not (out / "work").exists()
+
+
+def test_task_hot_sets_are_compared_with_each_pretraining_domains_hot_set(tmp_path):
+    report = tmp_path / "miniature_routing.json"
+    hot = {"math": [[0, 1], [2, 3]], "code": [[4, 5], [6, 7]]}
+    report.write_text(json.dumps({"model": str(tmp_path), "results": {"pretrained": {"hot": hot}}}))
+    runs = {
+        "math/hellora/0": {"task": "math", "method": "hellora", "seed": 0, "hot_experts": [[0, 1], [2, 6]]},
+        "math/lora/0": {"task": "math", "method": "lora", "seed": 0, "hot_experts": [[0, 1, 2, 3, 4, 5, 6, 7]] * 2},
+    }
+    overlap = study.task_domain_overlap(runs, str(tmp_path), report)
+    assert overlap == {"math": {"0": {"math": 0.75, "code": 0.25}}}  # layer 0: 2/2 and 0/2; layer 1: 1/2 and 1/2
+    assert "math: HELLoRA's hot experts" in study.overlap_lines(overlap) and "math 0.75" in study.overlap_lines(overlap)
+    assert study.task_domain_overlap(runs, str(tmp_path / "another-model"), report) is None  # another model's report
+    assert study.task_domain_overlap(runs, str(tmp_path), tmp_path / "absent.json") is None
