@@ -852,6 +852,22 @@ def control_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+def _shown(path: str) -> str:
+    """A path inside the repository as a relative one."""
+    return str(Path(path).relative_to(REPO)) if Path(path).is_relative_to(REPO) else path
+
+
+def _cost(runs: dict) -> str:
+    """What the runs cost, whichever commands made them (the Machine section names only the last)."""
+    cpu = sum(r["cpu_seconds"] for r in runs.values())
+    wall = sum(r["wall_seconds"] for r in runs.values())
+    return (
+        f"{len(runs)} runs, each in its own process: {cpu:,.0f} CPU seconds in all ({cpu / 3600:.2f} h; "
+        f"{cpu / max(len(runs), 1):.0f} s a run), {wall:,.0f} s of wall time summed over runs (runs side by side, "
+        "with --jobs, take less wall time in all)."
+    )
+
+
 def markdown(payload: dict) -> str:
     rows = payload["rows"]
     budget = payload["settings"]["budget"]
@@ -859,7 +875,7 @@ def markdown(payload: dict) -> str:
     return "\n\n".join(
         [
             "# The paper's claims in miniature",
-            f"Every method fine-tuned from `{payload['settings']['model']}` (seeds: mean ± sample standard deviation); "
+            f"Every method fine-tuned from `{_shown(payload['settings']['model'])}` (seeds: mean ± sample standard deviation); "
             f"{', '.join(f'{t} {n}' for t, n in (budget['steps'] or STEPS).items())} steps of {budget['batch_size']} examples, rank {budget['rank']}, learning rate "
             f"{', '.join(f'{t} {n}' for t, n in (budget['learning_rate'] or LEARNING_RATE).items())} "
             f"(ESFT x{budget['esft_lr_scale']}); held-out problems per benchmark "
@@ -869,6 +885,7 @@ def markdown(payload: dict) -> str:
             "validation loss on the pretraining domains the task does not train on, after minus before "
             f"(before: {', '.join(f'{d} {v:.4f}' for d, v in base.items())}).",
             table(rows),
+            _cost(payload["runs"]),
             "## Which experts each task is routed to",
             "The hot set HELLoRA chose for each task (k = 4 of 32 per layer), against the hot sets of the "
             f"miniature's pretraining domains in `{ROUTING_REPORT.name}` (1.0: the same experts in every layer; "
