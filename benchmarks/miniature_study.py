@@ -452,7 +452,7 @@ def run_worker(spec: dict) -> dict:
 
     from hellora_pl.adapters.sites import adapter_sites
     from hellora_pl.budget.counting import adapter_figures
-    from hellora_pl.callbacks import RunSummary
+    from hellora_pl.callbacks import RoutingProfilerCallback, RunSummary
     from hellora_pl.callbacks.injection import injection_callback
     from hellora_pl.cli import HelloraCLI
     from hellora_pl.module import HelloraModule
@@ -483,7 +483,8 @@ def run_worker(spec: dict) -> dict:
         plan.dynamic_rank.rank_max if plan.dynamic_rank is not None else plan.rank,
     )
     after = pretrain_miniature.validation_losses(backbone, _windows(Path(spec["model"]), spec["windows"]))
-    drift = routing_drift_after_fit(backbone, cli.datamodule.train_dataloader(), plan, spec["profile_batches"])
+    profiler = next(cb for cb in cli.trainer.callbacks if isinstance(cb, RoutingProfilerCallback))
+    drift = routing_drift_after_fit(plan, profiler.measure_routing(cli.trainer, cli.model), profiler.num_batches)
     return {
         # as the budget tool counts them: LoRI's B at its kept density, DR-LoRA at its full rank budget
         "trainable_params": figures["trainable"],
@@ -509,26 +510,18 @@ def run_worker(spec: dict) -> dict:
     }
 
 
-def routing_drift_after_fit(model, loader, plan, batches: int) -> dict | None:
+def routing_drift_after_fit(plan, now, batches: int) -> dict | None:
     """How far fine-tuning moved the routing: the plan's profile (the base model on the first `batches`
-    training batches) against a profile of the fine-tuned model on `batches` training batches. Per layer
-    and overall: the top-k hot set before and after (k = the model's top-k, HELLoRA's default) and their
-    overlap |before & after| / k, and the share of selections on the run's adapted experts before and
-    after. None when the plan has no routing counts (nothing was profiled)."""
+    training batches) against `now`, the profiler's profile of the fine-tuned model on the same batches.
+    Per layer and overall: the top-k hot set before and after (k = the model's top-k, HELLoRA's default)
+    and their overlap |before & after| / k, and the share of selections on the run's adapted experts
+    before and after. None when the plan has no routing counts (nothing was profiled)."""
     import torch
 
-    from hellora_pl.routing import RoutingRecorder, TopKPerLayer
+    from hellora_pl.routing import TopKPerLayer
 
     if not plan.layers or any(not layer.counts for layer in plan.layers):
         return None
-    model.eval()
-    with RoutingRecorder(model) as recorder, torch.no_grad():
-        recorder.armed = True
-        for _, batch in zip(range(batches), loader):
-            mask = batch.get("attention_mask")
-            recorder.set_token_mask(mask)
-            model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
-        now = recorder.profile()
     rows = {layer: row for row, layer in enumerate(now.layers)}
     policy = TopKPerLayer()
     layers = []
@@ -1092,7 +1085,6 @@ def prepare_run(args, budget: Budget, files: dict, task: str, method: str, seed:
         "model": str(args.model.resolve()),
         "windows": budget.windows,
         "threads": budget.threads,
-        "profile_batches": budget.profile_batches,
     }
 
 

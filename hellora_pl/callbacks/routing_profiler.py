@@ -89,10 +89,13 @@ class RoutingProfilerCallback(Callback):
             if self.profile_path is not None:
                 self.profile = RoutingProfile.read(self.profile_path)
             else:
-                self.profile = self._profile(trainer, pl_module)
+                self.profile = self.measure_routing(trainer, pl_module)
         return self.profile
 
-    def _profile(self, trainer: Trainer, pl_module: LightningModule) -> RoutingProfile:
+    def measure_routing(self, trainer: Trainer, pl_module: LightningModule) -> RoutingProfile:
+        """A routing profile of the model as it is now, on the first training batches (the same ones
+        every call): `ensure_profile` takes it once before training; taken again after training, it
+        shows how fine-tuning moved the routing."""
         model = backbone_of(pl_module, self.model_attribute)
         loader = train_dataloader(trainer, pl_module)
         num_batches = self._batches_to_profile(loader)

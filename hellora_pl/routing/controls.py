@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .profile import RoutingProfile
-from .selection import HotExpertPolicy
+from .selection import HotExpertPolicy, _ranked
 
 
 def _check_k(policy: str, k: int | None) -> None:
@@ -84,5 +84,4 @@ class LeastUsedExperts(HotExpertPolicy):
 
     def select_layer(self, counts, gate_mass, top_k) -> list[int]:
         k = _check_k_fits("LeastUsedExperts", self.k, counts.numel(), top_k)
-        order = torch.sort(counts.double(), stable=True).indices
-        return sorted(order[:k].tolist())
+        return sorted(_ranked(-counts.double())[:k])  # fewest selections first, lower index among equals
